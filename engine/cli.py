@@ -1,0 +1,186 @@
+"""The `engine` command: list, run, show, export and train. Heavy imports happen per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.errors import UserError
+
+TRAINABLE = ("digits-unet", "digits-classifier")
+EXPORT_FORMATS = ("csv", "json", "md", "latex")
+
+
+def load(args):
+    from engine.config import load_catalogue
+
+    return load_catalogue(args.experiments)
+
+
+def open_store(args, create: bool = True):
+    from engine.store import Store
+
+    try:
+        return Store.open(args.runs_dir, create=create)
+    except FileNotFoundError:
+        raise UserError(f"{args.runs_dir}: no database yet (run an experiment first)") from None
+    except Exception as exc:  # sqlite3 errors: locked, corrupt, not a database
+        raise UserError(f"{args.runs_dir}: cannot open the database ({exc})") from None
+
+
+def cmd_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.methods import describe_bits
+
+    catalogue = load(args)
+    counts: dict[str, dict[str, int]] = {}
+    if (Path(args.runs_dir) / "qtui.db").exists():
+        store = open_store(args)
+        for run in store.runs():
+            by = counts.setdefault(run["experiment"], {})
+            by[run["status"]] = by.get(run["status"], 0) + 1
+    table = Table(title=str(catalogue.path))
+    for header in ("experiment", "model", "variants", "runs", "description"):
+        table.add_column(header)
+    for name, exp in catalogue.experiments.items():
+        variants = ", ".join(f"{v} ({describe_bits(x.method, x.params)})" for v, x in exp.variants.items())
+        runs = ", ".join(f"{n} {s}" for s, n in sorted(counts.get(name, {}).items())) or "-"
+        table.add_row(name, exp.model, variants, runs, exp.description)
+    Console().print(table)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+
+    from engine.runner import results_table, run_experiment
+
+    catalogue = load(args)
+    experiment = catalogue.get(args.name)
+    variants = args.variant or list(experiment.variants)
+    for v in variants:
+        if v not in experiment.variants:
+            known = ", ".join(experiment.variants)
+            raise UserError(f"{catalogue.path}: experiment {args.name!r} has no variant {v!r}; variants: {known}")
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {args.samples}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    console = Console()
+    store = open_store(args)
+    try:
+        ids = run_experiment(store, experiment, variants, args.samples, args.jobs, console)
+    except KeyboardInterrupt:
+        return 130
+    wide = Console(width=max(console.width, 120))
+    wide.print(results_table(store, ids, f"{experiment.name} ({store.runs_dir / 'qtui.db'})"))
+    failed = [r for r in (store.get_run(i) for i in ids) if r["status"] != "done"]
+    for run in failed:
+        console.print(f"[red]{run['variant']}: {run['status']}: {run['error']}[/red]")
+    return 1 if failed else 0
+
+
+def cmd_show(args) -> int:
+    from rich.console import Console
+
+    from engine.methods import describe_bits
+    from engine.runner import results_table
+
+    catalogue = load(args)
+    exp = catalogue.get(args.name)
+    console = Console()
+    console.print(f"[bold]{exp.name}[/bold]: {exp.description}")
+    console.print(f"model {exp.model} ({exp.model_path}); features {exp.feature_model}; "
+                  f"{exp.samples} samples, {exp.steps} DDIM steps, guidance {exp.guidance}, seed {exp.seed}")
+    for name, v in exp.variants.items():
+        console.print(f"  {name}: {v.method} {describe_bits(v.method, v.params)}  {v.description}")
+    if (Path(args.runs_dir) / "qtui.db").exists():
+        store = open_store(args)
+        ids = [r["id"] for r in store.runs(experiment=exp.name)]
+        if ids:
+            Console(width=max(console.width, 120)).print(results_table(store, ids, f"runs of {exp.name}"))
+            return 0
+    console.print("no runs yet")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from engine.export import export
+
+    store = open_store(args, create=False)
+    text = export(store, args.format, experiment=args.experiment)
+    if args.out:
+        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from engine.models.registry import SHIPPED_DIR
+
+    out = Path(args.out) if args.out else SHIPPED_DIR / args.model
+    if args.model == "digits-unet":
+        from engine.train.digits_unet import UNetTrainConfig, train_digits_unet
+
+        cfg = UNetTrainConfig(seed=args.seed)
+        if args.steps:
+            cfg.steps = args.steps
+        summary = train_digits_unet(out, cfg)
+    else:
+        from engine.train.digits_classifier import ClassifierTrainConfig, train_digits_classifier
+
+        cfg = ClassifierTrainConfig(seed=args.seed)
+        if args.steps:
+            cfg.epochs = args.steps
+        summary = train_digits_classifier(out, cfg)
+    print(f"saved {args.model} to {out}: {summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engine", description="qtui's headless engine")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--experiments", default="experiments.toml", help="the experiment catalogue")
+    common.add_argument("--runs-dir", default="runs", help="folder of the database and run outputs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", parents=[common], help="the experiments and their runs").set_defaults(func=cmd_list)
+    p = sub.add_parser("run", parents=[common], help="run an experiment (all variants, or the chosen ones)")
+    p.add_argument("name")
+    p.add_argument("--variant", action="append", help="run only this variant (repeatable)")
+    p.add_argument("--samples", type=int, help="override the number of samples per variant")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("show", parents=[common], help="an experiment's definition and results")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("export", parents=[common], help="the results table (csv, md, latex) or everything (json)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
+    p.add_argument("--experiment", help="only this experiment")
+    p.add_argument("--out", help="file to write (default: standard output)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("train", help="train an embedded model and save it with save_pretrained")
+    p.add_argument("model", choices=TRAINABLE)
+    p.add_argument("--out", help="directory to save to (default: the shipped models/ folder)")
+    p.add_argument("--steps", type=int, help="training steps (UNet) or epochs (classifier)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

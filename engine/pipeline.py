@@ -1,0 +1,152 @@
+"""What one run does, top to bottom: load, quantize, store the packed weights, load them
+back, sample, evaluate, save artifacts.
+
+The images are always sampled from the weights loaded back from the run's checkpoint, so
+every number describes the stored quantized model, never the unquantized one.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from engine.data.digits import eval_labels, load_digits_16, prompt_for
+from engine.evaluate import evaluate_samples, reference_stats
+from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, to_uint8
+from engine.models.loader import load_feature_model, load_text_to_image
+from engine.quant import RTNConfig, load_packed, quantizable_layers, quantize_, save_packed
+from engine.sampling import initial_noise, sample_images
+from engine.store import Store
+
+CHECKPOINT_FILE = "weights.safetensors"
+
+
+def dense_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the model's safetensors checkpoint in dtype (what save_pretrained writes)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    return len(save(state))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def quantize_and_reload(denoiser: torch.nn.Module, method: str, params: dict, folder: Path):
+    """Quantize in place, write the packed checkpoint, load it back into the model and check
+    that the loaded weights are exactly the simulated ones. Returns (layers, size_bytes)."""
+    if method == "none":
+        layers = [
+            {"name": name, "role": role, "params": module.weight.numel(), "bits": None, "weight_err": None}
+            for name, module, role in quantizable_layers(denoiser)
+        ]
+        return layers, dense_bytes(denoiser, torch.float32)
+    if method != "rtn":
+        raise ValueError(f"unknown method {method!r}")
+    report = quantize_(denoiser, RTNConfig.from_dict(params))
+    path = folder / CHECKPOINT_FILE
+    size = save_packed(path, denoiser, report.packed)
+    simulated = {k: v.detach().cpu().clone() for k, v in denoiser.state_dict().items()}
+    loaded = load_packed(path)
+    for key, value in simulated.items():
+        if not torch.equal(loaded[key].to(value.dtype), value):
+            raise RuntimeError(f"{path}: {key} differs from the simulated quantized weight")
+    denoiser.load_state_dict(loaded, strict=True)
+    return report.layers, size
+
+
+def mean_bits(layers: list[dict]) -> float:
+    total = sum(layer["params"] for layer in layers)
+    return sum(layer["params"] * (layer["bits"] or 32) for layer in layers) / max(total, 1)
+
+
+def execute(store: Store, run_id: int, config: dict, reporter) -> None:
+    folder = store.run_folder(run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    sampling = config["sampling"]
+    torch.manual_seed(sampling["seed"])
+
+    reporter.progress("load", 0, 2, "loading models")
+    model = load_text_to_image(config["model"]["path"])
+    classifier = load_feature_model(config["feature_model"]["path"], model.device)
+    reporter.progress("load", 2, 2)
+    fp32_bytes = dense_bytes(model.denoiser, torch.float32)
+    fp16_bytes = dense_bytes(model.denoiser, torch.float16)
+
+    reporter.progress("quantize", 0, 1, f"method {config['method']}")
+    start = time.time()
+    layers, size = quantize_and_reload(model.denoiser, config["method"], config["params"], folder)
+    quantize_seconds = time.time() - start
+    store.put_layers(run_id, layers)
+    if config["method"] != "none":
+        store.add_artifact(run_id, "checkpoint", folder / CHECKPOINT_FILE)
+    reporter.progress("quantize", 1, 1)
+
+    n = sampling["samples"]
+    labels = eval_labels(n)
+    prompts = [prompt_for(label) for label in labels]
+    noise = initial_noise(n, model.sample_shape, sampling["seed"])
+    start = time.time()
+    images = sample_images(
+        model, prompts, noise, sampling["steps"], sampling["guidance"], sampling["batch_size"],
+        on_progress=lambda done, total: reporter.progress("sampling", done, total),
+    )
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    latency_ms = (time.time() - start) * 1000 / n
+
+    reporter.progress("metrics", 0, 1, "FID and prompt accuracy")
+    real, _ = load_digits_16()
+    ref, floor = reference_stats(classifier, real.to(model.device))
+    metrics = evaluate_samples(classifier, images, labels, ref, config["eval"]["bootstrap"], sampling["seed"])
+    metrics.update(
+        fid_floor=floor,
+        size_bytes=size,
+        size_ratio=size / fp32_bytes,
+        size_fp32_bytes=fp32_bytes,
+        size_fp16_bytes=fp16_bytes,
+        latency_ms=latency_ms,
+        peak_mem_mb=peak_memory_mb(model.device),
+        mean_bits=mean_bits(layers),
+        quantize_s=quantize_seconds,
+    )
+    reporter.progress("metrics", 1, 1)
+
+    reporter.progress("save", 0, 1, "grids")
+    images_u8 = to_uint8(images)
+    save_samples(folder / SAMPLES_FILE, images_u8, labels)
+    store.add_artifact(run_id, "samples", folder / SAMPLES_FILE)
+    store.add_artifact(run_id, "grid", run_grid(images_u8, folder / "grid.png"))
+    store.put_metrics(run_id, metrics)
+    update_comparison(store, config["experiment"], run_id)
+    reporter.progress("save", 1, 1)
+
+
+def update_comparison(store: Store, experiment: str, run_id: int) -> None:
+    """Rebuild the experiment's side-by-side grid from the latest finished run of each
+    variant (including this one, about to be marked done) that shares this run's sampling."""
+    this = store.get_run(run_id)
+    sampling = json.loads(this["config"])["sampling"]
+    latest: dict[str, dict] = {}
+    for run in store.runs(experiment=experiment):
+        if run["id"] != run_id and run["status"] != "done":
+            continue
+        if json.loads(run["config"])["sampling"]["seed"] != sampling["seed"]:
+            continue
+        latest[run["variant"]] = run
+    columns = []
+    for variant, run in sorted(latest.items(), key=lambda kv: (kv[0] != "fp", kv[0])):
+        path = store.runs_dir / run["folder"] / SAMPLES_FILE
+        if path.exists():
+            columns.append((variant, path))
+    if columns:
+        out = store.runs_dir / f"{experiment}-comparison.png"
+        comparison_grid(columns, out)
+        store.add_artifact(run_id, "comparison", out)

@@ -1,0 +1,31 @@
+"""Weight quantization core: RTN quantizer, layer roles, the `quantize_` verb and packing."""
+
+from engine.quant.apply import QuantReport, RTNConfig, quantize_
+from engine.quant.packing import load_packed, pack_codes, save_dense, save_packed, unpack_codes
+from engine.quant.roles import ROLES, layer_role, quantizable_layers
+from engine.quant.rtn import (
+    QuantizedTensor,
+    dequantize,
+    fake_quantize,
+    quantize_tensor,
+    relative_error,
+)
+
+__all__ = [
+    "ROLES",
+    "QuantReport",
+    "QuantizedTensor",
+    "RTNConfig",
+    "dequantize",
+    "fake_quantize",
+    "layer_role",
+    "load_packed",
+    "pack_codes",
+    "quantizable_layers",
+    "quantize_",
+    "quantize_tensor",
+    "relative_error",
+    "save_dense",
+    "save_packed",
+    "unpack_codes",
+]

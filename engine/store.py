@@ -1,0 +1,291 @@
+"""The SQLite store: every run, metric, layer, artifact and progress event.
+
+The database is the source of truth shared by `engine run`, its worker subprocesses and the
+`qtui` app. Writers are the workers (one per run) and the launching process; readers poll.
+This module imports no torch so that the TUI can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+DB_NAME = "qtui.db"
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")
+
+# Per-layer quantities that methods may fill in; NULL where a method does not produce them.
+LAYER_QUANTITIES = ("bits", "weight_err", "fisher", "sensitivity", "out_err")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def db_path(runs_dir: str | Path) -> Path:
+    return Path(runs_dir) / DB_NAME
+
+
+@dataclass
+class Store:
+    """A handle on `runs_dir/qtui.db`. Create with `Store.open(runs_dir)`."""
+
+    db: sqlite_utils.Database
+    runs_dir: Path
+
+    @classmethod
+    def open(cls, runs_dir: str | Path, create: bool = True) -> "Store":
+        runs_dir = Path(runs_dir)
+        path = db_path(runs_dir)
+        if not create and not path.exists():
+            raise FileNotFoundError(f"{path}: no database here")
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        db = sqlite_utils.Database(path)
+        db.conn.execute("PRAGMA busy_timeout = 10000")
+        db.enable_wal()
+        store = cls(db=db, runs_dir=runs_dir)
+        store._migrate()
+        return store
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # ---------------------------------------------------------------- schema
+    def _migrate(self) -> None:
+        db = self.db
+        with db.conn:
+            if "meta" not in db.table_names():
+                db["meta"].create({"key": str, "value": str}, pk="key")
+            if "runs" not in db.table_names():
+                db["runs"].create(
+                    {
+                        "id": int,
+                        "experiment": str,
+                        "variant": str,
+                        "status": str,
+                        "config": str,
+                        "config_hash": str,
+                        "created_at": str,
+                        "started_at": str,
+                        "finished_at": str,
+                        "heartbeat_at": float,
+                        "error": str,
+                        "git_commit": str,
+                        "host": str,
+                        "pid": int,
+                        "executor": str,
+                        "versions": str,
+                        "folder": str,
+                    },
+                    pk="id",
+                )
+                db["runs"].create_index(["experiment", "variant"])
+                db["runs"].create_index(["status"])
+            if "metrics" not in db.table_names():
+                db["metrics"].create(
+                    {"run_id": int, "name": str, "value": float},
+                    pk=("run_id", "name"),
+                    foreign_keys=[("run_id", "runs", "id")],
+                )
+            if "layers" not in db.table_names():
+                cols = {"run_id": int, "idx": int, "name": str, "role": str, "params": int}
+                cols.update({q: float for q in LAYER_QUANTITIES})
+                cols["bits"] = int
+                cols["extra"] = str
+                db["layers"].create(
+                    cols, pk=("run_id", "idx"), foreign_keys=[("run_id", "runs", "id")]
+                )
+            if "artifacts" not in db.table_names():
+                db["artifacts"].create(
+                    {"id": int, "run_id": int, "kind": str, "path": str},
+                    pk="id",
+                    foreign_keys=[("run_id", "runs", "id")],
+                )
+                db["artifacts"].create_index(["run_id"])
+            if "events" not in db.table_names():
+                db["events"].create(
+                    {
+                        "id": int,
+                        "run_id": int,
+                        "time": float,
+                        "stage": str,
+                        "done": int,
+                        "total": int,
+                        "message": str,
+                    },
+                    pk="id",
+                    foreign_keys=[("run_id", "runs", "id")],
+                )
+                db["events"].create_index(["run_id", "id"])
+            db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+
+    def schema_version(self) -> int:
+        return int(self.db["meta"].get("schema_version")["value"])
+
+    # ---------------------------------------------------------------- runs
+    def create_run(
+        self,
+        experiment: str,
+        variant: str,
+        config: dict,
+        config_hash: str,
+        git_commit: str | None = None,
+        versions: dict | None = None,
+        executor: str = "local",
+    ) -> int:
+        with self.db.conn:
+            table = self.db["runs"].insert(
+                {
+                    "experiment": experiment,
+                    "variant": variant,
+                    "status": "queued",
+                    "config": json.dumps(config, sort_keys=True),
+                    "config_hash": config_hash,
+                    "created_at": utc_now(),
+                    "git_commit": git_commit,
+                    "host": socket.gethostname(),
+                    "executor": executor,
+                    "versions": json.dumps(versions or {}, sort_keys=True),
+                }
+            )
+            run_id = table.last_pk
+            folder = f"run-{run_id:05d}"
+            self.db["runs"].update(run_id, {"folder": folder})
+        return run_id
+
+    def run_folder(self, run_id: int) -> Path:
+        return self.runs_dir / self.get_run(run_id)["folder"]
+
+    def get_run(self, run_id: int) -> dict:
+        return self.db["runs"].get(run_id)
+
+    def runs(self, experiment: str | None = None, status: str | None = None) -> list[dict]:
+        where, args = [], []
+        if experiment is not None:
+            where.append("experiment = ?")
+            args.append(experiment)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        return list(
+            self.db["runs"].rows_where(" and ".join(where) or None, args, order_by="id")
+        )
+
+    def mark_running(self, run_id: int, pid: int | None = None) -> None:
+        with self.db.conn:
+            self.db["runs"].update(
+                run_id,
+                {
+                    "status": "running",
+                    "started_at": utc_now(),
+                    "heartbeat_at": time.time(),
+                    "pid": pid if pid is not None else os.getpid(),
+                    "host": socket.gethostname(),
+                },
+            )
+
+    def set_pid(self, run_id: int, pid: int) -> None:
+        with self.db.conn:
+            self.db["runs"].update(run_id, {"pid": pid, "host": socket.gethostname()})
+
+    def finish(self, run_id: int, status: str, error: str | None = None) -> None:
+        if status not in FINISHED:
+            raise ValueError(f"not a finished status: {status}")
+        with self.db.conn:
+            self.db["runs"].update(
+                run_id, {"status": status, "error": error, "finished_at": utc_now()}
+            )
+
+    def finish_if_unfinished(self, run_id: int, status: str, error: str | None = None) -> bool:
+        """Finish a run unless its worker already did; returns whether it changed it."""
+        with self.db.conn:
+            cur = self.db.conn.execute(
+                "update runs set status = ?, error = ?, finished_at = ? "
+                "where id = ? and status in ('queued', 'running')",
+                (status, error, utc_now(), run_id),
+            )
+        return cur.rowcount > 0
+
+    def heartbeat(self, run_id: int) -> None:
+        with self.db.conn:
+            self.db["runs"].update(run_id, {"heartbeat_at": time.time()})
+
+    # ---------------------------------------------------------------- results
+    def add_event(
+        self, run_id: int, stage: str, done: int = 0, total: int = 0, message: str = ""
+    ) -> None:
+        now = time.time()
+        with self.db.conn:
+            self.db["events"].insert(
+                {
+                    "run_id": run_id,
+                    "time": now,
+                    "stage": stage,
+                    "done": done,
+                    "total": total,
+                    "message": message,
+                }
+            )
+            self.db["runs"].update(run_id, {"heartbeat_at": now})
+
+    def put_metrics(self, run_id: int, metrics: dict[str, float]) -> None:
+        rows = [
+            {"run_id": run_id, "name": k, "value": None if v is None else float(v)}
+            for k, v in metrics.items()
+        ]
+        with self.db.conn:
+            self.db["metrics"].upsert_all(rows, pk=("run_id", "name"))
+
+    def put_layers(self, run_id: int, layers: list[dict]) -> None:
+        """Rows with at least name, role, params; idx is their position (model order)."""
+        rows = []
+        for idx, layer in enumerate(layers):
+            row = {"run_id": run_id, "idx": idx}
+            row.update(layer)
+            rows.append(row)
+        with self.db.conn:
+            self.db["layers"].upsert_all(rows, pk=("run_id", "idx"), alter=True)
+
+    def add_artifact(self, run_id: int, kind: str, path: str | Path) -> None:
+        with self.db.conn:
+            self.db["artifacts"].insert({"run_id": run_id, "kind": kind, "path": str(path)})
+
+    # ---------------------------------------------------------------- queries
+    def metrics(self, run_id: int) -> dict[str, float]:
+        return {
+            r["name"]: r["value"] for r in self.db["metrics"].rows_where("run_id = ?", [run_id])
+        }
+
+    def layers(self, run_id: int) -> list[dict]:
+        return list(self.db["layers"].rows_where("run_id = ?", [run_id], order_by="idx"))
+
+    def artifacts(self, run_id: int) -> list[dict]:
+        return list(self.db["artifacts"].rows_where("run_id = ?", [run_id], order_by="id"))
+
+    def last_event(self, run_id: int) -> dict | None:
+        rows = list(
+            self.db["events"].rows_where("run_id = ?", [run_id], order_by="id desc", limit=1)
+        )
+        return rows[0] if rows else None
+
+    def results(self, experiment: str | None = None) -> list[dict]:
+        """One row per run: the run's columns plus its metrics flattened in."""
+        runs = self.runs(experiment=experiment)
+        if not runs:
+            return []
+        by_id = {r["id"]: dict(r) for r in runs}
+        marks = ",".join("?" * len(by_id))
+        for row in self.db.query(
+            f"select run_id, name, value from metrics where run_id in ({marks})", list(by_id)
+        ):
+            by_id[row["run_id"]][row["name"]] = row["value"]
+        return list(by_id.values())
