@@ -126,7 +126,14 @@ class Store:
                     foreign_keys=[("run_id", "runs", "id")],
                 )
                 db["events"].create_index(["run_id", "id"])
-            db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+            current = db.execute("select value from meta where key = 'schema_version'").fetchone()
+            if current is None:
+                db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
+            elif int(current[0]) > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{db_path(self.runs_dir)}: schema version {current[0]} is newer than this qtui "
+                    f"understands ({SCHEMA_VERSION}); upgrade qtui"
+                )
 
     def schema_version(self) -> int:
         return int(self.db["meta"].get("schema_version")["value"])

@@ -1,11 +1,20 @@
 """Real low-bit storage: bit-packed codes in a safetensors file, and dense size references.
 
-Layout of a packed file, for each quantized layer `name`:
-  `{name}.weight.packed`  uint8, codes packed 4 (bits <= 2), 2 (bits <= 4) or 1 per byte
-  `{name}.weight.scale`   float16 [out_channels]
-  `{name}.weight.zero`    uint8 [out_channels], only when asymmetric (symmetric: 2^(bits-1))
-plus every other state-dict tensor as-is (floating point ones in float32). Per-layer bits,
-symmetric and shape live in the metadata as one JSON string under the key "qtui_quant".
+Layout of a packed file (format version 2). The quantized layers are concatenated, in model
+order, into four tensors:
+  `quant.codes`   uint8, each layer's codes packed 4 (bits <= 2), 2 (bits <= 4) or 1 per byte,
+                  every layer starting on a fresh byte
+  `quant.scales`  float16, each layer's per-output-channel scales
+  `quant.zeros`   uint8, the zero points of the asymmetric layers only (symmetric layers use
+                  2^(bits-1)); absent when every layer is symmetric
+  `quant.biases`  float16, the biases of the quantized layers that have one
+(each written only when non-empty), plus every other state-dict tensor as-is (floating point
+ones in float32, integer buffers unchanged). The metadata key "qtui_quant" holds compact JSON
+`{"version":2,"layers":[[name,bits,symmetric,shape,has_bias],...]}`, symmetric and has_bias
+as 0/1, in the order of the concatenation; it is all that is needed to slice the tensors back.
+
+The biases of quantized layers are stored as float16: `quantize_` rounds them, so the model it
+leaves behind is reproduced exactly by `load_packed`.
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ from torch import nn
 from engine.quant.rtn import QuantizedTensor, dequantize
 
 META_KEY = "qtui_quant"
-FORMAT_VERSION = 1
-SUFFIXES = ("packed", "scale", "zero")
+FORMAT_VERSION = 2
+CODES, SCALES, ZEROS, BIASES = "quant.codes", "quant.scales", "quant.zeros", "quant.biases"
+QUANT_KEYS = {CODES: torch.uint8, SCALES: torch.float16, ZEROS: torch.uint8, BIASES: torch.float16}
 
 
 def codes_per_byte(bits: int) -> int:
@@ -78,59 +88,177 @@ def _plain(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torc
     return out
 
 
-def save_packed(path: str | Path, model: nn.Module, packed: dict[str, QuantizedTensor]) -> int:
-    """Write `model` with the layers in `packed` stored as low-bit codes; return bytes on disk."""
-    state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict] = {}
+def _packed_in_model_order(
+    state: dict[str, torch.Tensor], packed: dict[str, QuantizedTensor]
+) -> list[tuple[str, QuantizedTensor]]:
+    """The entries of `packed`, checked against `state`, sorted by state-dict position."""
+    position = {key: i for i, key in enumerate(state)}
     for name, qt in packed.items():
         key = f"{name}.weight"
         if key not in state:
             raise ValueError(f"{key} is not in the model's state dict")
         if tuple(state[key].shape) != tuple(qt.shape):
             raise ValueError(f"{key}: shape {tuple(state[key].shape)} != quantized {qt.shape}")
-        tensors[f"{key}.packed"] = pack_codes(qt.codes, qt.bits)
-        tensors[f"{key}.scale"] = qt.scale.detach().cpu().to(torch.float16).contiguous()
+        if tuple(qt.codes.shape) != tuple(qt.shape):
+            raise ValueError(f"{key}: codes shape {tuple(qt.codes.shape)} != {qt.shape}")
+        channels = qt.shape[0]
+        if qt.scale.numel() != channels or (not qt.symmetric and qt.zero.numel() != channels):
+            raise ValueError(f"{key}: scale and zero point need {channels} values each")
+    return sorted(packed.items(), key=lambda item: position[f"{item[0]}.weight"])
+
+
+def save_packed(path: str | Path, model: nn.Module, packed: dict[str, QuantizedTensor]) -> int:
+    """Write `model` with the layers in `packed` stored as low-bit codes; return bytes on disk.
+
+    The biases of the packed layers are stored as float16, so they must already be float16
+    values (as `quantize_` leaves them); a bias that is not raises ValueError rather than
+    being silently rounded.
+    """
+    state = model.state_dict()
+    codes, scales, zeros, biases = [], [], [], []
+    layers: list[list] = []
+    owned: set[str] = set()
+    for name, qt in _packed_in_model_order(state, packed):
+        codes.append(pack_codes(qt.codes, qt.bits))
+        scales.append(qt.scale.detach().cpu().to(torch.float16).reshape(-1))
         if not qt.symmetric:
-            tensors[f"{key}.zero"] = qt.zero.detach().cpu().to(torch.uint8).contiguous()
-        layers[name] = {"bits": qt.bits, "symmetric": qt.symmetric, "shape": list(qt.shape)}
-    quantized = {f"{name}.weight" for name in packed}
-    rest = {key: t for key, t in state.items() if key not in quantized}
+            zeros.append(qt.zero.detach().cpu().to(torch.uint8).reshape(-1))
+        owned.add(f"{name}.weight")
+        bias = state.get(f"{name}.bias")
+        if bias is not None:
+            b16 = bias.detach().cpu().to(torch.float16)
+            if not torch.equal(b16.to(bias.dtype), bias.detach().cpu()):
+                raise ValueError(
+                    f"{name}.bias is not float16-exact; quantize_ rounds the biases of the "
+                    "layers it quantizes"
+                )
+            biases.append(b16.reshape(-1))
+            owned.add(f"{name}.bias")
+        layers.append([name, qt.bits, int(qt.symmetric), list(qt.shape), int(bias is not None)])
+
+    tensors: dict[str, torch.Tensor] = {}
+    for key, parts in ((CODES, codes), (SCALES, scales), (ZEROS, zeros), (BIASES, biases)):
+        if parts:
+            tensors[key] = torch.cat(parts).contiguous()
+    rest = {key: t for key, t in state.items() if key not in owned}
     for key, t in _plain(rest, torch.float32).items():
         if key in tensors:
             raise ValueError(f"state dict key {key} collides with a packed tensor name")
         tensors[key] = t
-    meta = {META_KEY: json.dumps({"version": FORMAT_VERSION, "layers": layers})}
+    info = {"version": FORMAT_VERSION, "layers": layers}
+    meta = {META_KEY: json.dumps(info, separators=(",", ":"))}
     save_file(tensors, str(path), metadata=meta)
     return os.path.getsize(path)
+
+
+def _parse_layers(info: object) -> list[tuple[str, int, bool, tuple[int, ...], bool]]:
+    """Validate the "qtui_quant" metadata and return its layers as typed tuples."""
+    if not isinstance(info, dict) or info.get("version") != FORMAT_VERSION:
+        version = info.get("version") if isinstance(info, dict) else None
+        raise ValueError(f"unsupported packed format version {version!r} (expected {FORMAT_VERSION})")
+    layers = []
+    for entry in info.get("layers", []):
+        try:
+            name, bits, symmetric, shape, has_bias = entry
+            ok = (
+                isinstance(name, str)
+                and type(bits) is int
+                and symmetric in (0, 1)
+                and has_bias in (0, 1)
+                and isinstance(shape, list)
+                and len(shape) >= 1
+                and all(type(d) is int and d > 0 for d in shape)
+            )
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"malformed packed layer entry {entry!r}")
+        codes_per_byte(bits)
+        layers.append((name, bits, bool(symmetric), tuple(shape), bool(has_bias)))
+    return layers
+
+
+class _Reader:
+    """Hands out consecutive slices of one concatenated tensor, checking it is used up."""
+
+    def __init__(self, key: str, tensor: torch.Tensor) -> None:
+        self.key, self.tensor, self.pos = key, tensor.reshape(-1), 0
+
+    def take(self, n: int) -> torch.Tensor:
+        if self.pos + n > self.tensor.numel():
+            raise ValueError(f"{self.key} is too short for the layers in the metadata")
+        self.pos += n
+        return self.tensor[self.pos - n : self.pos]
+
+    def finish(self) -> None:
+        if self.pos != self.tensor.numel():
+            raise ValueError(f"{self.key} has {self.tensor.numel() - self.pos} unused values")
 
 
 def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a `save_packed` file back as a float32 state dict, quantized weights dequantized.
 
-    A file without quantization metadata (e.g. from `save_dense`) loads as a plain state dict.
+    Quantized weights come back as `dequantize` computes them and their biases as the stored
+    float16 values in float32; integer buffers keep their dtype. A file without quantization
+    metadata (e.g. from `save_dense`) loads as a plain state dict.
     """
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
-        layers = json.loads(meta[META_KEY])["layers"] if META_KEY in meta else {}
-        owned = {f"{name}.weight.{s}" for name in layers for s in SUFFIXES}
+        layers = _parse_layers(json.loads(meta[META_KEY])) if META_KEY in meta else []
+        keys = set(f.keys())
         state = {}
         for key in f.keys():
-            if key not in owned:
+            if key not in QUANT_KEYS or META_KEY not in meta:
                 t = f.get_tensor(key)
                 state[key] = t.float() if t.is_floating_point() else t
-        for name, info in layers.items():
-            key = f"{name}.weight"
-            bits, symmetric, shape = int(info["bits"]), bool(info["symmetric"]), tuple(info["shape"])
-            codes = unpack_codes(f.get_tensor(f"{key}.packed"), bits, math.prod(shape))
-            scale = f.get_tensor(f"{key}.scale")
-            if symmetric:
-                zero = torch.full((shape[0],), 2 ** (bits - 1), dtype=torch.uint8)
-            else:
-                zero = f.get_tensor(f"{key}.zero")
-            qt = QuantizedTensor(codes.reshape(shape), scale, zero, bits, symmetric, shape)
-            state[key] = dequantize(qt)
+        if META_KEY not in meta:
+            return state
+        readers = {}
+        for key, dtype in QUANT_KEYS.items():
+            t = f.get_tensor(key) if key in keys else torch.empty(0, dtype=dtype)
+            if t.dtype != dtype:
+                raise ValueError(f"{key} has dtype {t.dtype}, expected {dtype}")
+            readers[key] = _Reader(key, t)
+
+    for name, bits, symmetric, shape, has_bias in layers:
+        channels, numel = shape[0], math.prod(shape)
+        nbytes = math.ceil(numel / codes_per_byte(bits))
+        codes = unpack_codes(readers[CODES].take(nbytes), bits, numel)
+        scale = readers[SCALES].take(channels)
+        if symmetric:
+            zero = torch.full((channels,), 2 ** (bits - 1), dtype=torch.uint8)
+        else:
+            zero = readers[ZEROS].take(channels)
+        qt = QuantizedTensor(codes.reshape(shape), scale, zero, bits, symmetric, shape)
+        owned = {f"{name}.weight": dequantize(qt)}
+        if has_bias:
+            owned[f"{name}.bias"] = readers[BIASES].take(channels).float()
+        for key, value in owned.items():
+            if key in state:
+                raise ValueError(f"{key} is stored both packed and as a plain tensor")
+            state[key] = value
+    for reader in readers.values():
+        reader.finish()
     return state
+
+
+def packed_breakdown(path: str | Path) -> dict[str, int]:
+    """Bytes of a safetensors file by part: header (length prefix, JSON and padding), codes,
+    scales, zeros, biases (the `quant.*` tensors) and other (every other tensor). Sums to the
+    file size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    parts = {"header": 8 + header_len, "codes": 0, "scales": 0, "zeros": 0, "biases": 0, "other": 0}
+    names = {CODES: "codes", SCALES: "scales", ZEROS: "zeros", BIASES: "biases"}
+    for key, entry in header.items():
+        if key != "__metadata__":
+            start, stop = entry["data_offsets"]
+            parts[names.get(key, "other")] += stop - start
+    gap = size - sum(parts.values())  # bytes not covered by any tensor (none in practice)
+    parts["other"] += gap
+    return parts
 
 
 def save_dense(path: str | Path, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
