@@ -62,78 +62,94 @@ class Store:
     # ---------------------------------------------------------------- schema
     def _migrate(self) -> None:
         db = self.db
-        with db.conn:
+        if "meta" in db.table_names():
+            self._check_version()
+            return
+        # Two processes may open a new database at once: create the schema under a write lock.
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
             if "meta" not in db.table_names():
-                db["meta"].create({"key": str, "value": str}, pk="key")
-            if "runs" not in db.table_names():
-                db["runs"].create(
-                    {
-                        "id": int,
-                        "experiment": str,
-                        "variant": str,
-                        "status": str,
-                        "config": str,
-                        "config_hash": str,
-                        "created_at": str,
-                        "started_at": str,
-                        "finished_at": str,
-                        "heartbeat_at": float,
-                        "error": str,
-                        "git_commit": str,
-                        "host": str,
-                        "pid": int,
-                        "executor": str,
-                        "versions": str,
-                        "folder": str,
-                    },
-                    pk="id",
-                )
-                db["runs"].create_index(["experiment", "variant"])
-                db["runs"].create_index(["status"])
-            if "metrics" not in db.table_names():
-                db["metrics"].create(
-                    {"run_id": int, "name": str, "value": float},
-                    pk=("run_id", "name"),
-                    foreign_keys=[("run_id", "runs", "id")],
-                )
-            if "layers" not in db.table_names():
-                cols = {"run_id": int, "idx": int, "name": str, "role": str, "params": int}
-                cols.update({q: float for q in LAYER_QUANTITIES})
-                cols["bits"] = int
-                cols["extra"] = str
-                db["layers"].create(
-                    cols, pk=("run_id", "idx"), foreign_keys=[("run_id", "runs", "id")]
-                )
-            if "artifacts" not in db.table_names():
-                db["artifacts"].create(
-                    {"id": int, "run_id": int, "kind": str, "path": str},
-                    pk="id",
-                    foreign_keys=[("run_id", "runs", "id")],
-                )
-                db["artifacts"].create_index(["run_id"])
-            if "events" not in db.table_names():
-                db["events"].create(
-                    {
-                        "id": int,
-                        "run_id": int,
-                        "time": float,
-                        "stage": str,
-                        "done": int,
-                        "total": int,
-                        "message": str,
-                    },
-                    pk="id",
-                    foreign_keys=[("run_id", "runs", "id")],
-                )
-                db["events"].create_index(["run_id", "id"])
-            current = db.execute("select value from meta where key = 'schema_version'").fetchone()
-            if current is None:
-                db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
-            elif int(current[0]) > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{db_path(self.runs_dir)}: schema version {current[0]} is newer than this qtui "
-                    f"understands ({SCHEMA_VERSION}); upgrade qtui"
-                )
+                self._create_schema()
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+        self._check_version()
+
+    def _check_version(self) -> None:
+        current = self.db.execute("select value from meta where key = 'schema_version'").fetchone()
+        if current is not None and int(current[0]) > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{db_path(self.runs_dir)}: schema version {current[0]} is newer than this qtui "
+                f"understands ({SCHEMA_VERSION}); upgrade qtui"
+            )
+
+    def _create_schema(self) -> None:
+        db = self.db
+        if "meta" not in db.table_names():
+            db["meta"].create({"key": str, "value": str}, pk="key")
+        if "runs" not in db.table_names():
+            db["runs"].create(
+                {
+                    "id": int,
+                    "experiment": str,
+                    "variant": str,
+                    "status": str,
+                    "config": str,
+                    "config_hash": str,
+                    "created_at": str,
+                    "started_at": str,
+                    "finished_at": str,
+                    "heartbeat_at": float,
+                    "error": str,
+                    "git_commit": str,
+                    "host": str,
+                    "pid": int,
+                    "executor": str,
+                    "versions": str,
+                    "folder": str,
+                },
+                pk="id",
+            )
+            db["runs"].create_index(["experiment", "variant"])
+            db["runs"].create_index(["status"])
+        if "metrics" not in db.table_names():
+            db["metrics"].create(
+                {"run_id": int, "name": str, "value": float},
+                pk=("run_id", "name"),
+                foreign_keys=[("run_id", "runs", "id")],
+            )
+        if "layers" not in db.table_names():
+            cols = {"run_id": int, "idx": int, "name": str, "role": str, "params": int}
+            cols.update({q: float for q in LAYER_QUANTITIES})
+            cols["bits"] = int
+            cols["extra"] = str
+            db["layers"].create(
+                cols, pk=("run_id", "idx"), foreign_keys=[("run_id", "runs", "id")]
+            )
+        if "artifacts" not in db.table_names():
+            db["artifacts"].create(
+                {"id": int, "run_id": int, "kind": str, "path": str},
+                pk="id",
+                foreign_keys=[("run_id", "runs", "id")],
+            )
+            db["artifacts"].create_index(["run_id"])
+        if "events" not in db.table_names():
+            db["events"].create(
+                {
+                    "id": int,
+                    "run_id": int,
+                    "time": float,
+                    "stage": str,
+                    "done": int,
+                    "total": int,
+                    "message": str,
+                },
+                pk="id",
+                foreign_keys=[("run_id", "runs", "id")],
+            )
+            db["events"].create_index(["run_id", "id"])
+        db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
 
     def schema_version(self) -> int:
         return int(self.db["meta"].get("schema_version")["value"])

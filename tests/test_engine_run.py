@@ -136,7 +136,7 @@ def test_artifacts_and_exports(finished, tmp_path):
     assert shown.returncode == 0 and "FID floor" in shown.stdout
 
 
-def wait_for(predicate, timeout=120.0):
+def wait_for(predicate, timeout=300.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()

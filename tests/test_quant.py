@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from engine.quant import (
@@ -24,8 +25,20 @@ from engine.quant import (
     save_packed,
     unpack_codes,
 )
+from engine.quant.packing import packed_breakdown
 
 ALL_BITS = range(2, 9)
+ALL_ROLES = ("conv", "attention", "linear")
+QUANT_KEYS = {"quant.codes", "quant.scales", "quant.zeros", "quant.biases"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The machine is shared with a training job: multi-threaded small ops are much slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _weights(kind: str, shape: tuple[int, ...] = (16, 64), seed: int = 0) -> torch.Tensor:
@@ -60,6 +73,43 @@ def unet():
         attention_head_dim=4,
         norm_num_groups=4,
     )
+
+
+@pytest.fixture(scope="module")
+def shipped_unet():
+    """The architecture of the shipped digits UNet (about 1.4M parameters), randomly initialised."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    fresh = type(model).from_config(model.config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def _assert_round_trip(path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """load_packed(path) equals model.state_dict() exactly, floating tensors as float32."""
+    state = load_packed(path)
+    expected = model.state_dict()
+    assert state.keys() == expected.keys()
+    for key, t in expected.items():
+        assert state[key].dtype == (torch.float32 if t.is_floating_point() else t.dtype), key
+        assert torch.equal(state[key], t.to(state[key].dtype)), key
+    return state
 
 
 # --- rtn ---------------------------------------------------------------------------------
@@ -181,7 +231,9 @@ def test_quantize_conv_only_leaves_other_layers_untouched(unet) -> None:
         assert entry["role"] == role and entry["params"] == module.weight.numel()
         w0, w1 = before[f"{name}.weight"], after[f"{name}.weight"]
         if module.bias is not None:
-            assert torch.equal(before[f"{name}.bias"], after[f"{name}.bias"])
+            b0, b1 = before[f"{name}.bias"], after[f"{name}.bias"]
+            assert b1.dtype == b0.dtype
+            assert torch.equal(b1, b0.half().float() if role == "conv" else b0)
         if role == "conv":
             assert entry["bits"] == 4 and name in report.packed
             assert torch.equal(w1, fake_quantize(w0, 4))
@@ -220,27 +272,147 @@ def test_pack_unpack_round_trip() -> None:
         pack_codes(torch.tensor([4], dtype=torch.uint8), 2)
 
 
+def test_quantize_rounds_biases_of_quantized_layers_only(shipped_unet) -> None:
+    model = _copy(shipped_unet)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = quantize_(model, RTNConfig(bits={"conv": 4, "attention": 8}))
+    after = model.state_dict()
+    biased = {name for name, module, _ in quantizable_layers(model) if module.bias is not None}
+    quantized_biases = {f"{name}.bias" for name in report.packed if name in biased}
+    assert quantized_biases and len(quantized_biases) < len(biased)  # both kinds are present
+    changed = 0
+    for key, b0 in before.items():
+        b1 = after[key]
+        assert b1.dtype == b0.dtype == torch.float32
+        if key in quantized_biases:
+            assert torch.equal(b1, b0.half().float())  # the nearest float16, back in float32
+            # Within float16 rounding: half an ulp, relative 2^-11 (normal) or 2^-25 (subnormal).
+            bound = torch.maximum(b0.abs() * 2.0**-11, torch.full_like(b0, 2.0**-25))
+            assert ((b1 - b0).abs() <= bound).all(), key
+            changed += not torch.equal(b0, b1)
+        elif key.removesuffix(".weight") not in report.packed:
+            # Unquantized layers' biases, norms and everything else stay bit-identical.
+            assert torch.equal(b1, b0), key
+    assert changed  # random float32 biases are not float16 values
+
+
+def test_quantize_is_all_or_nothing() -> None:
+    model = _tiny_model()
+    with torch.no_grad():
+        model[3].bias[0] = 1e6  # overflows float16
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"3: bias.*float16"):
+        quantize_(model, RTNConfig(bits={"conv": 4, "linear": 4}))
+    for key, t in model.state_dict().items():
+        assert torch.equal(t, before[key]), key  # the conv layer, quantized first, is untouched
+    model = _tiny_model()
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="inf or nan"):
+        quantize_(model, RTNConfig(bits={"conv": 4, "linear": 4}))
+    for key, t in model.state_dict().items():
+        assert torch.equal(t, before[key]), key
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_save_load_packed_reproduces_simulated_weights(tmp_path, unet, symmetric: bool) -> None:
     for bits in (2, 3, 4, 8):
-        model = type(unet).from_config(unet.config)
-        model.load_state_dict(unet.state_dict())
+        model = _copy(unet)
         cfg = RTNConfig(bits={"conv": bits, "attention": 8, "linear": 4}, symmetric=symmetric)
         report = quantize_(model, cfg)
         path = tmp_path / f"w{bits}.safetensors"
         save_packed(path, model, report.packed)
-        state = load_packed(path)
-        expected = model.state_dict()
-        assert state.keys() == expected.keys()
-        for key, t in expected.items():
-            assert state[key].dtype == torch.float32 and torch.equal(state[key], t), key
+        state = _assert_round_trip(path, model)
         fresh = type(unet).from_config(unet.config)
         fresh.load_state_dict(state, strict=True)
+    state = model.state_dict()
+    order = [n for n, _, _ in quantizable_layers(model)]
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["qtui_quant"])["layers"]
-        has_zero = any(k.endswith(".weight.zero") for k in f.keys())
-    assert meta["conv_in"] == {"bits": 8, "symmetric": symmetric, "shape": [8, 1, 3, 3]}
-    assert has_zero == (not symmetric)
+        raw = f.metadata()["qtui_quant"]
+        info = json.loads(raw)
+        keys = set(f.keys())
+        dtypes = {k: f.get_tensor(k).dtype for k in keys}
+    assert raw == json.dumps(info, separators=(",", ":"))  # compact
+    assert info["version"] == 2
+    assert [layer[0] for layer in info["layers"]] == order  # every layer, in model order
+    assert info["layers"][0] == ["conv_in", 8, int(symmetric), [8, 1, 3, 3], 1]
+    # One tensor per part; the quantized layers' weights and biases have no entries of their own.
+    assert keys & QUANT_KEYS == QUANT_KEYS - ({"quant.zeros"} if symmetric else set())
+    owned = {f"{n}.{p}" for n in order for p in ("weight", "bias")}
+    assert keys - QUANT_KEYS == set(state) - owned
+    assert dtypes["quant.codes"] == torch.uint8 and dtypes["quant.biases"] == torch.float16
+    assert dtypes["quant.scales"] == torch.float16
+    assert all(dtypes[k] == torch.float32 for k in keys - QUANT_KEYS)
+
+
+def test_packed_round_trip_mixed_layers_and_integer_buffers(tmp_path) -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3, bias=False),
+        nn.BatchNorm2d(5),
+        nn.Flatten(),
+        nn.Linear(5, 7),
+        nn.Linear(7, 3),
+    )
+    model[1].num_batches_tracked += 5
+    report = quantize_(model, RTNConfig(bits={"conv": 3, "linear": 8}, symmetric=False))
+    # Quantize only some layers: the last Linear keeps float32 weight and bias.
+    packed = {name: qt for name, qt in report.packed.items() if name != "4"}
+    with torch.no_grad():
+        model[4].bias.add_(1e-7)  # not a float16 value: fine, the layer is not packed
+    path = tmp_path / "mixed.safetensors"
+    save_packed(path, model, dict(reversed(packed.items())))  # order of the dict is irrelevant
+    state = _assert_round_trip(path, model)
+    assert state["1.num_batches_tracked"].dtype == torch.int64
+    with safe_open(str(path), framework="pt") as f:
+        layers = json.loads(f.metadata()["qtui_quant"])["layers"]
+        assert f.get_tensor("quant.zeros").numel() == 5 + 7
+        assert f.get_tensor("quant.biases").numel() == 7
+    assert layers == [["0", 3, 0, [5, 3, 3, 3], 0], ["3", 8, 0, [7, 5], 1]]
+
+
+def test_save_packed_rejects_bias_that_is_not_float16(tmp_path) -> None:
+    model = _tiny_model()
+    qt = quantize_tensor(model[3].weight.data, 4)  # bypasses quantize_: the bias is not rounded
+    with torch.no_grad():
+        model[3].weight.copy_(dequantize(qt))
+    with pytest.raises(ValueError, match="3.bias is not float16-exact"):
+        save_packed(tmp_path / "x.safetensors", model, {"3": qt})
+    with pytest.raises(ValueError, match="not in the model"):
+        save_packed(tmp_path / "x.safetensors", model, {"7": qt})
+
+
+def test_load_packed_rejects_bad_files(tmp_path) -> None:
+    model = _tiny_model()
+    report = quantize_(model, RTNConfig(bits={"conv": 4, "linear": 4}))
+    path = tmp_path / "ok.safetensors"
+    save_packed(path, model, report.packed)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        info = json.loads(f.metadata()["qtui_quant"])
+
+    def write(name, tensors, info):
+        p = tmp_path / name
+        save_file(tensors, str(p), metadata={"qtui_quant": json.dumps(info)})
+        return p
+
+    with pytest.raises(ValueError, match="version"):
+        load_packed(write("v1.safetensors", tensors, {**info, "version": 1}))
+    scales = tensors["quant.scales"]
+    longer = dict(tensors, **{"quant.scales": torch.cat([scales, scales[:1]])})
+    with pytest.raises(ValueError, match="quant.scales has 1 unused"):
+        load_packed(write("long.safetensors", longer, info))
+    shorter = dict(tensors, **{"quant.codes": tensors["quant.codes"][:-1].clone()})
+    with pytest.raises(ValueError, match="quant.codes is too short"):
+        load_packed(write("short.safetensors", shorter, info))
+    bad = {**info, "layers": [["0", 4, 1, [8, 3, 3, 3]]] + info["layers"][1:]}
+    with pytest.raises(ValueError, match="malformed"):
+        load_packed(write("bad.safetensors", tensors, bad))
+    # A dense checkpoint (no quantization metadata) loads as a plain state dict.
+    save_dense(tmp_path / "dense.safetensors", model)
+    dense = load_packed(tmp_path / "dense.safetensors")
+    assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())
 
 
 def test_packed_size_relative_to_dense(tmp_path) -> None:
@@ -255,3 +427,19 @@ def test_packed_size_relative_to_dense(tmp_path) -> None:
         report = quantize_(m, RTNConfig(bits={"linear": bits}))
         size = save_packed(tmp_path / f"w{bits}.safetensors", m, report.packed)
         assert size / fp32 < limit, (bits, size / fp32)
+
+
+@pytest.mark.parametrize(("bits", "limit"), [(4, 0.14), (8, 0.26)])
+def test_shipped_unet_packed_size(tmp_path, shipped_unet, bits: int, limit: float) -> None:
+    fp32 = save_dense(tmp_path / "fp32.safetensors", shipped_unet, torch.float32)
+    model = _copy(shipped_unet)
+    report = quantize_(model, RTNConfig(bits=dict.fromkeys(ALL_ROLES, bits)))
+    assert len(report.packed) == len(quantizable_layers(model))
+    path = tmp_path / f"w{bits}.safetensors"
+    size = save_packed(path, model, report.packed)
+    assert size / fp32 <= limit, (bits, size, fp32, size / fp32)
+    _assert_round_trip(path, model)
+    parts = packed_breakdown(path)
+    assert sum(parts.values()) == size and parts["zeros"] == 0
+    n_weights = sum(qt.codes.numel() for qt in report.packed.values())
+    assert n_weights <= parts["codes"] * (8 // bits) < n_weights + len(report.packed) * (8 // bits)

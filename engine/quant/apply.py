@@ -59,6 +59,10 @@ class QuantReport:
     packed: dict[str, QuantizedTensor] = field(default_factory=dict)
 
 
+# One layer's planned change: name, module, role, bits, codes and float16 bias (None if unchanged).
+_Step = tuple[str, nn.Module, str, "int | None", "QuantizedTensor | None", "torch.Tensor | None"]
+
+
 def quantize_(model: nn.Module, config: RTNConfig) -> QuantReport:
     """Quantize every layer whose role has bits in `config`, replacing weights in place.
 
@@ -75,7 +79,7 @@ def quantize_(model: nn.Module, config: RTNConfig) -> QuantReport:
     params (weight numel), bits (None if left full precision) and weight_err (relative
     Frobenius error of the stored weight, None if left full precision).
     """
-    plan: list[tuple[str, nn.Module, str, int | None, QuantizedTensor | None, torch.Tensor | None]] = []
+    plan: list[_Step] = []
     for name, module, role in quantizable_layers(model):
         bits = config.bits.get(role)
         qt = bias16 = None
@@ -113,6 +117,7 @@ def _fp16_bias(name: str, bias: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name}: cannot quantize a layer whose bias has inf or nan values")
     b16 = bias.detach().to(torch.float16)
     # The rounded value must survive the trip back to the module's dtype (e.g. bfloat16).
-    if not torch.isfinite(b16).all() or not torch.isfinite(b16.to(bias.dtype).to(torch.float16)).all():
+    back = b16.to(bias.dtype).to(torch.float16)
+    if not torch.isfinite(b16).all() or not torch.isfinite(back).all():
         raise ValueError(f"{name}: bias values exceed the float16 range")
     return b16

@@ -126,6 +126,8 @@ def save_packed(path: str | Path, model: nn.Module, packed: dict[str, QuantizedT
         owned.add(f"{name}.weight")
         bias = state.get(f"{name}.bias")
         if bias is not None:
+            if tuple(bias.shape) != (qt.shape[0],):
+                raise ValueError(f"{name}.bias: shape {tuple(bias.shape)} != ({qt.shape[0]},)")
             b16 = bias.detach().cpu().to(torch.float16)
             if not torch.equal(b16.to(bias.dtype), bias.detach().cpu()):
                 raise ValueError(
@@ -155,7 +157,9 @@ def _parse_layers(info: object) -> list[tuple[str, int, bool, tuple[int, ...], b
     """Validate the "qtui_quant" metadata and return its layers as typed tuples."""
     if not isinstance(info, dict) or info.get("version") != FORMAT_VERSION:
         version = info.get("version") if isinstance(info, dict) else None
-        raise ValueError(f"unsupported packed format version {version!r} (expected {FORMAT_VERSION})")
+        raise ValueError(
+            f"unsupported packed format version {version!r} (expected {FORMAT_VERSION})"
+        )
     layers = []
     for entry in info.get("layers", []):
         try:
