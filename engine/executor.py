@@ -16,8 +16,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.store import Store
+if TYPE_CHECKING:  # the store pulls in sqlite-utils; lost-run checks must stay cheap for qtui
+    from engine.store import Store
 
 LOG_NAME = "worker.log"
 
@@ -109,9 +111,11 @@ def stop_process(pid: int, grace: float = 5.0) -> None:
 
 
 def cancel_run(store: Store, run_id: int, grace: float = 5.0) -> bool:
-    """Cancel a queued or running run of this host; returns whether anything changed."""
+    """Cancel a queued or running run of this host; returns whether it ended up cancelled
+    (by us, or by its worker's own SIGTERM handler)."""
     run = store.get_run(run_id)
     if run["status"] in ("queued", "running") and run.get("host") == socket.gethostname():
         if pid_alive(run.get("pid")):
             stop_process(run["pid"], grace)
-    return store.finish_if_unfinished(run_id, "cancelled", "cancelled by the user")
+    store.finish_if_unfinished(run_id, "cancelled", "cancelled by the user")
+    return store.get_run(run_id)["status"] == "cancelled"

@@ -44,7 +44,7 @@ class Store:
 
     @classmethod
     def open(cls, runs_dir: str | Path, create: bool = True) -> "Store":
-        runs_dir = Path(runs_dir)
+        runs_dir = Path(runs_dir).resolve()  # artifact paths must not depend on a worker's cwd
         path = db_path(runs_dir)
         if not create and not path.exists():
             raise FileNotFoundError(f"{path}: no database here")

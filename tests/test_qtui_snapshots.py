@@ -1,0 +1,85 @@
+"""Snapshot tests: the look of qtui at 80x24 and 160x50 on a fixed database.
+
+Update after an intended change with `pytest tests/test_qtui_snapshots.py --snapshot-update`
+and look at the SVGs in tests/__snapshots__/.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from qtui.app import QtuiApp
+from qtui.components.heatmap import Heatmap
+from qtui.components.sample_view import SampleView
+from qtui_helpers import fill_demo, write_catalogue
+
+SIZES = [(80, 24), (160, 50)]
+
+
+@pytest.fixture
+def demo(tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.chdir(tmp_path)  # paths on screen are relative: the same in every run
+    write_catalogue(tmp_path)
+    return fill_demo(tmp_path / "runs")
+
+
+def app() -> QtuiApp:
+    return QtuiApp("runs", "experiments.toml", poll_interval=0.1)
+
+
+async def until(pilot, condition) -> None:
+    for _ in range(300):
+        if condition():
+            await pilot.pause(0.1)
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("the app did not get there")
+
+
+async def loaded(pilot) -> None:
+    a = pilot.app
+    await until(pilot, lambda: a.loaded and a.catalogue is not None and a.log_pane.lines)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_main_screen(snap_compare, demo, size):
+    async def run_before(pilot):
+        await loaded(pilot)
+        pilot.app.runs_table.sort_by("fid")
+        pilot.app.runs_table.select_run(demo["w4"])
+        await until(pilot, lambda: pilot.app.log_pane.run_id == demo["w4"] and pilot.app.log_pane.lines)
+
+    assert snap_compare(app(), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_heatmap_screen(snap_compare, demo, size):
+    async def run_before(pilot):
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(demo["w4"])
+        await pilot.press("h")
+        await until(pilot, lambda: pilot.app.screen.query(Heatmap))
+        await pilot.press("down", "down", "down")
+
+    assert snap_compare(app(), terminal_size=size, run_before=run_before)
+
+
+def test_samples_screen(snap_compare, demo):
+    async def run_before(pilot):
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(demo["w2"])
+        await pilot.press("v")
+        await until(pilot, lambda: len(pilot.app.screen.query(SampleView)) == 2
+                    and all(v.image for v in pilot.app.screen.query(SampleView)))
+
+    assert snap_compare(app(), terminal_size=(80, 24), run_before=run_before)
+
+
+def test_bad_catalogue_modal(snap_compare, demo, tmp_path):
+    (tmp_path / "experiments.toml").write_text("[experiments.broken]\nmodel = \n")
+
+    async def run_before(pilot):
+        await until(pilot, lambda: pilot.app.loaded and pilot.app.experiments_tree.error)
+
+    assert snap_compare(app(), terminal_size=(80, 24), run_before=run_before)
