@@ -8,8 +8,9 @@ from pathlib import Path
 
 from engine.errors import UserError
 
-TRAINABLE = ("digits-unet", "digits-classifier")
+TRAINABLE = ("digits-unet", "digits-mmdit", "digits-classifier")
 EXPORT_FORMATS = ("csv", "json", "md", "latex")
+TABLE_WIDTH = 160  # the results table, wide enough that no column is squeezed out
 
 
 def load(args):
@@ -75,7 +76,7 @@ def cmd_run(args) -> int:
         ids = run_experiment(store, experiment, variants, args.samples, args.jobs, console)
     except KeyboardInterrupt:
         return 130
-    wide = Console(width=max(console.width, 120))
+    wide = Console(width=max(console.width, TABLE_WIDTH))
     wide.print(results_table(store, ids, f"{experiment.name} ({store.runs_dir / 'qtui.db'})"))
     failed = [r for r in (store.get_run(i) for i in ids) if r["status"] != "done"]
     for run in failed:
@@ -94,14 +95,14 @@ def cmd_show(args) -> int:
     console = Console()
     console.print(f"[bold]{exp.name}[/bold]: {exp.description}")
     console.print(f"model {exp.model} ({exp.model_path}); features {exp.feature_model}; "
-                  f"{exp.samples} samples, {exp.steps} DDIM steps, guidance {exp.guidance}, seed {exp.seed}")
+                  f"{exp.samples} samples, {exp.steps} sampler steps, guidance {exp.guidance}, seed {exp.seed}")
     for name, v in exp.variants.items():
         console.print(f"  {name}: {v.method} {describe_bits(v.method, v.params)}  {v.description}")
     if (Path(args.runs_dir) / "qtui.db").exists():
         store = open_store(args)
         ids = [r["id"] for r in store.runs(experiment=exp.name)]
         if ids:
-            Console(width=max(console.width, 120)).print(results_table(store, ids, f"runs of {exp.name}"))
+            Console(width=max(console.width, TABLE_WIDTH)).print(results_table(store, ids, f"runs of {exp.name}"))
             return 0
     console.print("no runs yet")
     return 0
@@ -132,6 +133,13 @@ def cmd_train(args) -> int:
         if args.steps:
             cfg.steps = args.steps
         summary = train_digits_unet(out, cfg)
+    elif args.model == "digits-mmdit":
+        from engine.train.digits_mmdit import MMDiTTrainConfig, train_digits_mmdit
+
+        cfg = MMDiTTrainConfig(seed=args.seed, save_every=args.save_every)
+        if args.steps:
+            cfg.steps = args.steps
+        summary = train_digits_mmdit(out, cfg)
     else:
         from engine.train.digits_classifier import ClassifierTrainConfig, train_digits_classifier
 
@@ -167,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an embedded model and save it with save_pretrained")
     p.add_argument("model", choices=TRAINABLE)
     p.add_argument("--out", help="directory to save to (default: the shipped models/ folder)")
-    p.add_argument("--steps", type=int, help="training steps (UNet) or epochs (classifier)")
+    p.add_argument("--steps", type=int, help="training steps (UNet, MMDiT) or epochs (classifier)")
+    p.add_argument("--save-every", type=int, default=0, help="also save the model every N steps (MMDiT)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
     return parser

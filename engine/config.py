@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import ConfigError
-from engine.methods import BadKey, validate_method
+from engine.methods import BadKey, check_against_model, validate_method
 from engine.models.registry import ModelNotFound, resolve_model
 
 EXPERIMENT_DEFAULTS = {
@@ -128,6 +128,15 @@ class _Reader:
 
     def __init__(self, path: Path, text: str):
         self.path, self.text = path, text
+        self._tensors: dict[Path, object] = {}
+
+    def model_tensors(self, model_path: Path):
+        """The model's layer shapes from its safetensors header (read once per model)."""
+        if model_path not in self._tensors:
+            from engine.models.layer_shapes import read_model_tensors
+
+            self._tensors[model_path] = read_model_tensors(model_path)
+        return self._tensors[model_path]
 
     def fail(self, table: list[str], key: str | None, message: str):
         first = key.split(".")[0] if key else None
@@ -176,7 +185,9 @@ class _Reader:
         variants_raw = raw.get("variants")
         if not isinstance(variants_raw, dict) or not variants_raw:
             self.fail(table, "variants", "needs at least one [experiments.NAME.variants.V] table")
-        variants = {v: self.variant(table + ["variants", v], v, r) for v, r in variants_raw.items()}
+        variants = {
+            v: self.variant(table + ["variants", v], v, r, paths["model"]) for v, r in variants_raw.items()
+        }
         return Experiment(
             name=name,
             description=values["description"],
@@ -193,7 +204,7 @@ class _Reader:
             variants=variants,
         )
 
-    def variant(self, table: list[str], name: str, raw) -> Variant:
+    def variant(self, table: list[str], name: str, raw, model_path: Path) -> Variant:
         if not isinstance(raw, dict):
             self.fail(table, None, "must be a table")
         if not NAME_RE.match(name):
@@ -209,6 +220,7 @@ class _Reader:
         keys = {k: v for k, v in raw.items() if k not in VARIANT_KEYS}
         try:
             params = validate_method(method, keys)
+            check_against_model(method, params, lambda: self.model_tensors(model_path))
         except BadKey as exc:
             self.fail(table, exc.key, exc.message)
         return Variant(name=name, description=description, method=method, params=params)

@@ -29,6 +29,10 @@ COLUMNS = [
     ("latency_ms", "ms/image", "{:.2f}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"),
     ("mean_bits", "mean bits", "{:.2f}"),
+    ("fisher_spearman", "Spearman", "{:.2f}"),  # method fisher: estimated vs measured sensitivity
+    ("fisher_curv_spearman", "Spearman 2-sided", "{:.2f}"),  # ... first-order term cancelled
+    ("calibration_s", "calib s", "{:.1f}"),
+    ("quantize_s", "quant s", "{:.1f}"),
 ]
 
 
@@ -61,6 +65,10 @@ def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] 
                 "latency_ms": r.get("latency_ms"),
                 "peak_mem_mb": r.get("peak_mem_mb"),
                 "mean_bits": r.get("mean_bits"),
+                "fisher_spearman": r.get("fisher_spearman"),
+                "fisher_curv_spearman": r.get("fisher_curv_spearman"),
+                "calibration_s": r.get("calibration_s"),
+                "quantize_s": r.get("quantize_s"),
                 "fid_floor": r.get("fid_floor"),
                 "error": r.get("error"),
             }

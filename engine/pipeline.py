@@ -19,6 +19,8 @@ from engine.evaluate import evaluate_samples, reference_stats
 from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, to_uint8
 from engine.models.loader import load_feature_model, load_text_to_image
 from engine.quant import RTNConfig, load_packed, quantizable_layers, quantize_, save_packed
+from engine.quant.calibration_hessians import CALIBRATION_FILE
+from engine.quant.gptq_method import needs_calibration
 from engine.sampling import initial_noise, sample_images
 from engine.store import Store
 
@@ -39,20 +41,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def quantize_and_reload(denoiser: torch.nn.Module, method: str, params: dict, folder: Path):
+def quantize_and_reload(denoiser: torch.nn.Module, method: str, params: dict, folder: Path,
+                        config: RTNConfig | None = None):
     """Quantize in place, write the packed checkpoint, load it back into the model and check
-    that the loaded weights are exactly the simulated ones. Returns (layers, size_bytes)."""
+    that the loaded weights are exactly the simulated ones. Returns (layers, size_bytes).
+    `config` (for methods that plan per-layer precisions) replaces the one built from params."""
     if method == "none":
         layers = [
             {"name": name, "role": role, "params": module.weight.numel(), "bits": None, "weight_err": None}
             for name, module, role in quantizable_layers(denoiser)
         ]
         return layers, dense_bytes(denoiser, torch.float32)
-    if method != "rtn":
-        raise ValueError(f"unknown method {method!r}")
-    report = quantize_(denoiser, RTNConfig.from_dict(params))
+    if config is None:
+        if method != "rtn":
+            raise ValueError(f"unknown method {method!r}")
+        config = RTNConfig.from_dict(params)
+    report = quantize_(denoiser, config)
     path = folder / CHECKPOINT_FILE
-    size = save_packed(path, denoiser, report.packed)
+    size = save_packed(path, denoiser, report.packed, report.half)
     simulated = {k: v.detach().cpu().clone() for k, v in denoiser.state_dict().items()}
     loaded = load_packed(path)
     for key, value in simulated.items():
@@ -60,6 +66,40 @@ def quantize_and_reload(denoiser: torch.nn.Module, method: str, params: dict, fo
             raise RuntimeError(f"{path}: {key} differs from the simulated quantized weight")
     denoiser.load_state_dict(loaded, strict=True)
     return report.layers, size
+
+
+def calibrated_and_reload(model, config: dict, folder: Path, reporter) -> tuple[list[dict], int, dict]:
+    """GPTQ, or RTN with activation quantization: calibrate with the full-precision model,
+    quantize, then store and reload exactly as `quantize_and_reload` does (the activation
+    scales are buffers of the quantized layers, so they travel in the same checkpoint).
+    Returns (layers, size_bytes, timings)."""
+    from engine.quant.gptq_method import quantize_calibrated
+
+    result = quantize_calibrated(model, config["method"], config["params"], config["sampling"], folder,
+                                 reporter.progress)
+    path = folder / CHECKPOINT_FILE
+    size = save_packed(path, model.denoiser, result.packed)
+    simulated = {k: v.detach().cpu().clone() for k, v in model.denoiser.state_dict().items()}
+    loaded = load_packed(path)
+    for key, value in simulated.items():
+        if not torch.equal(loaded[key].to(value.dtype), value):
+            raise RuntimeError(f"{path}: {key} differs from the simulated quantized weight")
+    model.denoiser.load_state_dict(loaded, strict=True)
+    return result.layers, size, result.metrics
+
+
+def fisher_and_reload(model, config: dict, folder: Path, cache_dir: Path, fp32_bytes: int,
+                      reporter) -> tuple[list[dict], int, dict]:
+    """Method `fisher`: plan per-layer precisions from Fisher information (statistics cached in
+    `cache_dir`), then quantize, store and reload as `quantize_and_reload` does.
+    Returns (layers with their Fisher statistics, size_bytes, metrics)."""
+    from engine.quant.fisher_method import plan_fisher
+
+    plan = plan_fisher(model, config["params"], fp32_bytes, cache_dir, reporter.progress)
+    layers, size = quantize_and_reload(model.denoiser, "fisher", config["params"], folder, plan.config)
+    if plan.max_bytes is not None and size > plan.max_bytes:
+        raise RuntimeError(f"{folder / CHECKPOINT_FILE}: {size} bytes exceed the budget of {plan.max_bytes}")
+    return plan.annotate(layers), size, plan.metrics
 
 
 def mean_bits(layers: list[dict]) -> float:
@@ -82,7 +122,15 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
 
     reporter.progress("quantize", 0, 1, f"method {config['method']}")
     start = time.time()
-    layers, size = quantize_and_reload(model.denoiser, config["method"], config["params"], folder)
+    timings = {}
+    if needs_calibration(config["method"], config["params"]):
+        layers, size, timings = calibrated_and_reload(model, config, folder, reporter)
+        store.add_artifact(run_id, "calibration", folder / CALIBRATION_FILE)
+    elif config["method"] == "fisher":
+        layers, size, timings = fisher_and_reload(model, config, folder, store.runs_dir / "cache", fp32_bytes,
+                                                  reporter)
+    else:
+        layers, size = quantize_and_reload(model.denoiser, config["method"], config["params"], folder)
     quantize_seconds = time.time() - start
     store.put_layers(run_id, layers)
     if config["method"] != "none":
@@ -117,6 +165,7 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
         mean_bits=mean_bits(layers),
         quantize_s=quantize_seconds,
     )
+    metrics.update(timings)  # calibration_s, and quantize_s without the calibration
     reporter.progress("metrics", 1, 1)
 
     reporter.progress("save", 0, 1, "grids")

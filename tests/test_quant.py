@@ -443,3 +443,90 @@ def test_shipped_unet_packed_size(tmp_path, shipped_unet, bits: int, limit: floa
     assert sum(parts.values()) == size and parts["zeros"] == 0
     n_weights = sum(qt.codes.numel() for qt in report.packed.values())
     assert n_weights <= parts["codes"] * (8 // bits) < n_weights + len(report.packed) * (8 // bits)
+
+
+# --- mixed precision per layer (layer_bits: 2..8, 16 = float16, 32 = full precision) -------
+
+
+def _mixed_config(model: nn.Module) -> RTNConfig:
+    names = [n for n, _, _ in quantizable_layers(model)]
+    attention = [n for n, _, r in quantizable_layers(model) if r == "attention"]
+    layer_bits = {"conv_in": 16, attention[0]: 32, "time_embedding.linear_1": 3, names[-1]: 16}
+    return RTNConfig(bits={"conv": 4, "attention": 8, "linear": 6}, layer_bits=layer_bits)
+
+
+def test_layer_bits_override_roles_and_round_trip(tmp_path, unet) -> None:
+    from engine.mixed_precision import layer_bytes
+
+    model = _copy(unet)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _mixed_config(model)
+    report = quantize_(model, cfg)
+    after = model.state_dict()
+    bits = {e["name"]: e["bits"] for e in report.layers}
+    fp16_layers = sorted(n for n, b in cfg.layer_bits.items() if b == 16)
+    full = next(n for n, b in cfg.layer_bits.items() if b == 32)
+    assert sorted(report.half) == fp16_layers and not set(report.half) & set(report.packed)
+    assert bits[full] is None and full not in report.packed
+    assert bits["time_embedding.linear_1"] == 3 and report.packed["time_embedding.linear_1"].bits == 3
+    for name in fp16_layers:
+        assert bits[name] == 16
+        for part in ("weight", "bias"):
+            assert torch.equal(after[f"{name}.{part}"], before[f"{name}.{part}"].half().float())
+    for part in ("weight", "bias"):  # the full-precision layer is untouched, bias included
+        key = f"{full}.{part}"
+        if key in before:
+            assert torch.equal(after[key], before[key])
+    # Layers not named keep their role's bits.
+    roles = {n: r for n, _, r in quantizable_layers(model)}
+    for name, b in bits.items():
+        if name not in cfg.layer_bits:
+            assert b == cfg.bits[roles[name]], name
+
+    path = tmp_path / "mixed.safetensors"
+    size = save_packed(path, model, report.packed, report.half)
+    _assert_round_trip(path, model)
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads(f.metadata()["qtui_quant"])
+        assert info["half"] == fp16_layers
+        assert f.get_tensor("conv_in.weight").dtype == torch.float16
+        assert f.get_tensor(f"{full}.weight").dtype == torch.float32
+    # The size is known exactly without writing, and per layer as engine.mixed_precision says.
+    from engine.quant import packed_nbytes
+
+    assert packed_nbytes(model.state_dict(), report.packed, report.half) == size
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    modules = dict(model.named_modules())
+    per_layer = sum(layer_bytes(tuple(modules[n].weight.shape), modules[n].bias is not None, b or 32, True)
+                    for n, b in bits.items())
+    owned = {f"{n}.{p}" for n in bits for p in ("weight", "bias")}
+    rest = sum(t.numel() * 4 for k, t in after.items() if k not in owned)
+    assert header + per_layer + rest == size
+
+
+def test_layer_bits_validation_and_backward_compatible_dict(unet) -> None:
+    plain = RTNConfig(bits={"conv": 4})
+    assert plain.to_dict() == {"bits": {"conv": 4}, "symmetric": True}  # unchanged for plain RTN
+    cfg = RTNConfig(bits={"conv": 4}, layer_bits={"conv_in": 16, "conv_out": 32, "x": 2})
+    assert RTNConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for bad in (1, 9, 12, 64, 4.0, True):
+        with pytest.raises(ValueError, match="'conv_in'"):
+            RTNConfig(bits={}, layer_bits={"conv_in": bad})
+    with pytest.raises(ValueError, match="does not have: nope"):
+        quantize_(_copy(unet), RTNConfig(bits={"conv": 4}, layer_bits={"nope": 4}))
+
+
+def test_half_layers_must_be_float16_exact_and_listed_truthfully(tmp_path) -> None:
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="0.weight is not float16-exact"):
+        save_packed(tmp_path / "x.safetensors", model, {}, half=["0"])
+    report = quantize_(model, RTNConfig(bits={"linear": 4}, layer_bits={"0": 16}))
+    path = tmp_path / "ok.safetensors"
+    save_packed(path, model, report.packed, report.half)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        info = json.loads(f.metadata()["qtui_quant"])
+    tensors["0.weight"] = tensors["0.weight"].float()  # claims float16 but stores float32
+    save_file(tensors, str(tmp_path / "lie.safetensors"), metadata={"qtui_quant": json.dumps(info)})
+    with pytest.raises(ValueError, match="listed as float16"):
+        load_packed(tmp_path / "lie.safetensors")

@@ -3,7 +3,9 @@ loaded component by component with `from_pretrained`.
 
 Kinds handled here:
 - `QtuiDigitsPipeline`: the embedded text-to-image default (UNet2DConditionModel + PromptEncoder
-  + scheduler config + open_clip tokenizer).
+  + scheduler config + open_clip tokenizer), sampled with DDIM.
+- `QtuiDigitsMMDiTPipeline`: the embedded MMDiT (SD3Transformer2DModel + PromptEncoder +
+  FlowMatchEulerDiscreteScheduler config + tokenizer), a rectified-flow model like SD 3.
 - `QtuiDigitClassifier`: the embedded feature model (FID features and prompt accuracy).
 Real pipelines (Stable Diffusion, SD 3.5) plug in here as further kinds.
 """
@@ -20,6 +22,13 @@ from torch import nn
 from engine.models.registry import INDEX_FILE
 
 DIGITS_PIPELINE = "QtuiDigitsPipeline"
+DIGITS_MMDIT_PIPELINE = "QtuiDigitsMMDiTPipeline"
+# Each text-to-image kind: (denoiser folder, diffusers class name of the denoiser).
+TEXT_TO_IMAGE_KINDS = {
+    DIGITS_PIPELINE: ("unet", "UNet2DConditionModel"),
+    DIGITS_MMDIT_PIPELINE: ("transformer", "SD3Transformer2DModel"),
+}
+FLOW_KINDS = (DIGITS_MMDIT_PIPELINE,)
 DIGITS_CLASSIFIER = "QtuiDigitClassifier"
 
 
@@ -66,13 +75,18 @@ class TextToImageModel:
         return self.text_encoder(ids)
 
     @property
+    def is_flow(self) -> bool:
+        """A rectified-flow model (velocity prediction, flow-matching Euler sampling)."""
+        return self.kind in FLOW_KINDS
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         cfg = self.denoiser.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
 
 def load_text_to_image(path: str | Path, device: torch.device | None = None) -> TextToImageModel:
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     from engine.models.prompt_encoder import PromptEncoder
 
@@ -80,18 +94,19 @@ def load_text_to_image(path: str | Path, device: torch.device | None = None) -> 
     device = device or default_device()
     index = read_index(path)
     kind = index.get("_class_name")
-    if kind != DIGITS_PIPELINE:
+    if kind not in TEXT_TO_IMAGE_KINDS:
         raise ModelLoadError(f"{path / INDEX_FILE}: model kind {kind!r} is not a text-to-image model qtui can load")
+    folder, class_name = TEXT_TO_IMAGE_KINDS[kind]
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet")
-        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder")
+        denoiser = getattr(diffusers, class_name).from_pretrained(path / folder, low_cpu_mem_usage=False)
+        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", low_cpu_mem_usage=False)
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{path}: cannot load ({exc})") from None
     return TextToImageModel(
         kind=kind,
         path=path,
-        denoiser=unet.to(device).eval(),
+        denoiser=denoiser.to(device).eval(),
         text_encoder=text_encoder.to(device).eval(),
         scheduler_config=scheduler_config,
         tokenizer_name=index.get("tokenizer", ["open_clip", "ViT-B-32"])[1],
@@ -108,7 +123,7 @@ def load_feature_model(path: str | Path, device: torch.device | None = None) -> 
     if kind != DIGITS_CLASSIFIER:
         raise ModelLoadError(f"{path / INDEX_FILE}: model kind {kind!r} is not a feature model qtui can load")
     try:
-        model = DigitClassifier.from_pretrained(path)
+        model = DigitClassifier.from_pretrained(path, low_cpu_mem_usage=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot load ({exc})") from None
     return model.to(device or default_device()).eval()

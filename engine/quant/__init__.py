@@ -1,7 +1,7 @@
 """Weight quantization core: RTN quantizer, layer roles, the `quantize_` verb and packing."""
 
 from engine.quant.apply import QuantReport, RTNConfig, quantize_
-from engine.quant.packing import load_packed, pack_codes, save_dense, save_packed, unpack_codes
+from engine.quant.packing import load_packed, pack_codes, packed_nbytes, save_dense, save_packed, unpack_codes
 from engine.quant.roles import ROLES, layer_role, quantizable_layers
 from engine.quant.rtn import (
     QuantizedTensor,
@@ -21,6 +21,7 @@ __all__ = [
     "layer_role",
     "load_packed",
     "pack_codes",
+    "packed_nbytes",
     "quantizable_layers",
     "quantize_",
     "quantize_tensor",

@@ -9,12 +9,17 @@ order, into four tensors:
                   2^(bits-1)); absent when every layer is symmetric
   `quant.biases`  float16, the biases of the quantized layers that have one
 (each written only when non-empty), plus every other state-dict tensor as-is (floating point
-ones in float32, integer buffers unchanged). The metadata key "qtui_quant" holds compact JSON
-`{"version":2,"layers":[[name,bits,symmetric,shape,has_bias],...]}`, symmetric and has_bias
-as 0/1, in the order of the concatenation; it is all that is needed to slice the tensors back.
+ones in float32, integer buffers unchanged), except the weights and biases of the layers kept
+in float16 (mixed precision), which are stored under their own names as float16. The metadata
+key "qtui_quant" holds compact JSON
+`{"version":2,"layers":[[name,bits,symmetric,shape,has_bias],...],"half":[name,...]}`,
+symmetric and has_bias as 0/1, in the order of the concatenation (a grouped layer, as GPTQ's
+`group_size` makes, adds a sixth element, the group size, and has out x groups scales and
+zeros); it is all that is needed to slice the tensors back ("half", present only when some
+layers are float16, lists them).
 
-The biases of quantized layers are stored as float16: `quantize_` rounds them, so the model it
-leaves behind is reproduced exactly by `load_packed`.
+The biases of quantized layers, and the float16 layers, are stored as float16: `quantize_`
+rounds them, so the model it leaves behind is reproduced exactly by `load_packed`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import nn
 
 from engine.quant.rtn import QuantizedTensor, dequantize
@@ -101,20 +107,17 @@ def _packed_in_model_order(
             raise ValueError(f"{key}: shape {tuple(state[key].shape)} != quantized {qt.shape}")
         if tuple(qt.codes.shape) != tuple(qt.shape):
             raise ValueError(f"{key}: codes shape {tuple(qt.codes.shape)} != {qt.shape}")
-        channels = qt.shape[0]
+        channels = qt.n_grids  # output channels, times groups for a grouped layer
         if qt.scale.numel() != channels or (not qt.symmetric and qt.zero.numel() != channels):
             raise ValueError(f"{key}: scale and zero point need {channels} values each")
     return sorted(packed.items(), key=lambda item: position[f"{item[0]}.weight"])
 
 
-def save_packed(path: str | Path, model: nn.Module, packed: dict[str, QuantizedTensor]) -> int:
-    """Write `model` with the layers in `packed` stored as low-bit codes; return bytes on disk.
-
-    The biases of the packed layers are stored as float16, so they must already be float16
-    values (as `quantize_` leaves them); a bias that is not raises ValueError rather than
-    being silently rounded.
-    """
-    state = model.state_dict()
+def packed_file(
+    state: dict[str, torch.Tensor], packed: dict[str, QuantizedTensor], half: Iterable[str] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a packed file for a state dict (see `save_packed`)."""
+    half = list(half)
     codes, scales, zeros, biases = [], [], [], []
     layers: list[list] = []
     owned: set[str] = set()
@@ -128,32 +131,69 @@ def save_packed(path: str | Path, model: nn.Module, packed: dict[str, QuantizedT
         if bias is not None:
             if tuple(bias.shape) != (qt.shape[0],):
                 raise ValueError(f"{name}.bias: shape {tuple(bias.shape)} != ({qt.shape[0]},)")
-            b16 = bias.detach().cpu().to(torch.float16)
-            if not torch.equal(b16.to(bias.dtype), bias.detach().cpu()):
-                raise ValueError(
-                    f"{name}.bias is not float16-exact; quantize_ rounds the biases of the "
-                    "layers it quantizes"
-                )
-            biases.append(b16.reshape(-1))
+            biases.append(_fp16_exact(f"{name}.bias", bias).reshape(-1))
             owned.add(f"{name}.bias")
-        layers.append([name, qt.bits, int(qt.symmetric), list(qt.shape), int(bias is not None)])
+        grouped = [qt.group_size] if qt.group_size is not None else []
+        layers.append([name, qt.bits, int(qt.symmetric), list(qt.shape), int(bias is not None), *grouped])
 
     tensors: dict[str, torch.Tensor] = {}
     for key, parts in ((CODES, codes), (SCALES, scales), (ZEROS, zeros), (BIASES, biases)):
         if parts:
             tensors[key] = torch.cat(parts).contiguous()
+    for name in half:
+        if name in packed or f"{name}.weight" not in state:
+            raise ValueError(f"{name}: a float16 layer must be in the state dict and not packed")
+        for key in (f"{name}.weight", f"{name}.bias"):
+            if key in state:
+                tensors[key] = _fp16_exact(key, state[key]).contiguous()
+                owned.add(key)
     rest = {key: t for key, t in state.items() if key not in owned}
     for key, t in _plain(rest, torch.float32).items():
         if key in tensors:
             raise ValueError(f"state dict key {key} collides with a packed tensor name")
         tensors[key] = t
-    info = {"version": FORMAT_VERSION, "layers": layers}
-    meta = {META_KEY: json.dumps(info, separators=(",", ":"))}
+    info: dict = {"version": FORMAT_VERSION, "layers": layers}
+    if half:
+        info["half"] = sorted(half)
+    return tensors, {META_KEY: json.dumps(info, separators=(",", ":"))}
+
+
+def _fp16_exact(key: str, t: torch.Tensor) -> torch.Tensor:
+    """`t` as a CPU float16 tensor; ValueError if that would change a value."""
+    t = t.detach().cpu()
+    t16 = t.to(torch.float16)
+    if not torch.equal(t16.to(t.dtype), t):
+        raise ValueError(
+            f"{key} is not float16-exact; quantize_ rounds the tensors it stores as float16 "
+            "(weights of float16 layers, biases of quantized layers)"
+        )
+    return t16
+
+
+def save_packed(
+    path: str | Path, model: nn.Module, packed: dict[str, QuantizedTensor], half: Iterable[str] = ()
+) -> int:
+    """Write `model` with the layers in `packed` stored as low-bit codes and the layers named
+    in `half` as float16 tensors; return bytes on disk.
+
+    The biases of the packed layers, and the weights and biases of the `half` layers, are
+    stored as float16, so they must already be float16 values (as `quantize_` leaves them);
+    a tensor that is not raises ValueError rather than being silently rounded.
+    """
+    tensors, meta = packed_file(model.state_dict(), packed, half)
     save_file(tensors, str(path), metadata=meta)
     return os.path.getsize(path)
 
 
-def _parse_layers(info: object) -> list[tuple[str, int, bool, tuple[int, ...], bool]]:
+def packed_nbytes(
+    state: dict[str, torch.Tensor], packed: dict[str, QuantizedTensor], half: Iterable[str] = ()
+) -> int:
+    """The exact size in bytes of the file `save_packed` writes for this state, without writing it."""
+    tensors, meta = packed_file(state, packed, half)
+    return len(save(tensors, metadata=meta))
+
+
+def _parse_layers(info: object) -> list[tuple[str, int, bool, tuple[int, ...], bool, int | None]]:
     """Validate the "qtui_quant" metadata and return its layers as typed tuples."""
     if not isinstance(info, dict) or info.get("version") != FORMAT_VERSION:
         version = info.get("version") if isinstance(info, dict) else None
@@ -163,8 +203,13 @@ def _parse_layers(info: object) -> list[tuple[str, int, bool, tuple[int, ...], b
     layers = []
     for entry in info.get("layers", []):
         try:
-            name, bits, symmetric, shape, has_bias = entry
+            name, bits, symmetric, shape, has_bias, *grouped = entry
+            group = grouped[0] if grouped else None
             ok = (
+                len(grouped) <= 1
+                and (group is None or (type(group) is int and group > 0 and len(shape) == 2
+                                       and shape[1] % group == 0))
+                and
                 isinstance(name, str)
                 and type(bits) is int
                 and symmetric in (0, 1)
@@ -178,8 +223,16 @@ def _parse_layers(info: object) -> list[tuple[str, int, bool, tuple[int, ...], b
         if not ok:
             raise ValueError(f"malformed packed layer entry {entry!r}")
         codes_per_byte(bits)
-        layers.append((name, bits, bool(symmetric), tuple(shape), bool(has_bias)))
+        layers.append((name, bits, bool(symmetric), tuple(shape), bool(has_bias), group))
     return layers
+
+
+def _parse_half(info: dict) -> list[str]:
+    """The names of the float16 layers in the "qtui_quant" metadata (none if absent)."""
+    half = info.get("half", [])
+    if not isinstance(half, list) or not all(isinstance(name, str) for name in half):
+        raise ValueError(f"malformed list of float16 layers {half!r}")
+    return half
 
 
 class _Reader:
@@ -208,15 +261,20 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
     """
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
-        layers = _parse_layers(json.loads(meta[META_KEY])) if META_KEY in meta else []
+        info = json.loads(meta[META_KEY]) if META_KEY in meta else None
+        layers = _parse_layers(info) if info is not None else []
         keys = set(f.keys())
-        state = {}
+        state, dtypes = {}, {}
         for key in f.keys():
             if key not in QUANT_KEYS or META_KEY not in meta:
                 t = f.get_tensor(key)
+                dtypes[key] = t.dtype
                 state[key] = t.float() if t.is_floating_point() else t
         if META_KEY not in meta:
             return state
+        for name in _parse_half(info):
+            if dtypes.get(f"{name}.weight") != torch.float16:
+                raise ValueError(f"{name} is listed as float16 but {name}.weight is not stored as float16")
         readers = {}
         for key, dtype in QUANT_KEYS.items():
             t = f.get_tensor(key) if key in keys else torch.empty(0, dtype=dtype)
@@ -224,16 +282,17 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
                 raise ValueError(f"{key} has dtype {t.dtype}, expected {dtype}")
             readers[key] = _Reader(key, t)
 
-    for name, bits, symmetric, shape, has_bias in layers:
+    for name, bits, symmetric, shape, has_bias, group in layers:
         channels, numel = shape[0], math.prod(shape)
+        grids = channels * (shape[1] // group) if group else channels
         nbytes = math.ceil(numel / codes_per_byte(bits))
         codes = unpack_codes(readers[CODES].take(nbytes), bits, numel)
-        scale = readers[SCALES].take(channels)
+        scale = readers[SCALES].take(grids)
         if symmetric:
-            zero = torch.full((channels,), 2 ** (bits - 1), dtype=torch.uint8)
+            zero = torch.full((grids,), 2 ** (bits - 1), dtype=torch.uint8)
         else:
-            zero = readers[ZEROS].take(channels)
-        qt = QuantizedTensor(codes.reshape(shape), scale, zero, bits, symmetric, shape)
+            zero = readers[ZEROS].take(grids)
+        qt = QuantizedTensor(codes.reshape(shape), scale, zero, bits, symmetric, shape, group)
         owned = {f"{name}.weight": dequantize(qt)}
         if has_bias:
             owned[f"{name}.bias"] = readers[BIASES].take(channels).float()

@@ -23,14 +23,24 @@ MAX_BITS = 8
 
 @dataclass
 class QuantizedTensor:
-    """Integer codes plus per-output-channel float16 scale and uint8 zero point."""
+    """Integer codes plus per-output-channel float16 scale and uint8 zero point; or, with
+    `group_size` (a 2-D weight, as GPTQ's groups), one scale and zero per output channel and
+    group of `group_size` consecutive input columns, channel-major ([out * n_groups])."""
 
     codes: torch.Tensor  # uint8, same shape as the weight, values in 0 .. 2^bits - 1
-    scale: torch.Tensor  # float16, [out_channels]
-    zero: torch.Tensor  # uint8, [out_channels]; 2^(bits-1) everywhere when symmetric
+    scale: torch.Tensor  # float16, [out_channels] (or [out_channels * n_groups])
+    zero: torch.Tensor  # uint8, like scale; 2^(bits-1) everywhere when symmetric
     bits: int
     symmetric: bool
     shape: tuple[int, ...]
+    group_size: int | None = None  # None: one group per output channel
+
+    @property
+    def n_grids(self) -> int:
+        """How many scales (and zeros): output channels x groups."""
+        if self.group_size is None:
+            return self.shape[0]
+        return self.shape[0] * (self.shape[1] // self.group_size)
 
 
 def check_bits(bits: object) -> int:
@@ -86,8 +96,8 @@ def quantize_tensor(w: torch.Tensor, bits: int, symmetric: bool = True) -> Quant
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reconstruct the weight: `(codes - zero) * scale`, per output channel."""
-    out = qt.shape[0]
+    """Reconstruct the weight: `(codes - zero) * scale`, per output channel (and group)."""
+    out = qt.n_grids  # a grouped weight is [out * n_groups, group_size] rows of one grid each
     centered = qt.codes.reshape(out, -1).float() - qt.zero.float()[:, None]
     return (centered * qt.scale.float()[:, None]).reshape(qt.shape).to(dtype)
 

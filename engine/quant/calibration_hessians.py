@@ -1,0 +1,166 @@
+"""Calibration data for post-training quantization, collected with the full-precision model.
+
+The calibration set is `samples` prompts (random digits and prompt templates drawn from the
+calibration seed, never the evaluation's prompts or noise) sampled by the experiment's own
+sampler and guidance, over every step of a `steps`-step schedule, so the statistics cover the
+whole noise range and both halves of classifier-free guidance. A further `held_out` prompts
+give the inputs on which each layer's output error is measured.
+
+What is collected, per quantized Linear (forward hooks, nothing but running sums is kept):
+- `absmax`: the largest |input| seen, for static activation scales;
+- the GPTQ Hessian 2/n sum x x^T (`GPTQ.add_batch`); for a transformer denoiser the inputs of
+  the first block are cached instead (`BlockInputs`) so that each later block's Hessians come
+  from the already-quantized blocks before it (see `engine.quant.gptq_method`);
+- `held-out moments`: the float64 sum of z z^T over held-out tokens, z = [x, q(x) - x] with
+  q the layer's activation quantizer (z = x without one). From it the relative output error
+  of any quantized weight W_q is exact: ||q(X) W_q^T - X W^T||^2 = tr(M G M^T) with
+  M = [W_q - W, W_q] (see `output_error`).
+
+Everything the quantization needs is saved in one safetensors file under the run folder,
+with the calibration and method config in its metadata (`save_calibration`), so GPTQ can be
+re-run from it without sampling again (`engine.quant.gptq_method.requantize`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from engine.data.digits import TEMPLATES, prompt_for
+from engine.models.loader import TextToImageModel
+from engine.sampling import initial_noise, sample_images
+
+Quantizer = Callable[[torch.Tensor], torch.Tensor]
+CALIBRATION_FILE = "calibration.safetensors"
+META_KEY = "qtui_calibration"
+
+
+@dataclass
+class CalibrationSet:
+    prompts: list[str]
+    noise: torch.Tensor
+    held_out_prompts: list[str]
+    held_out_noise: torch.Tensor
+
+
+def calibration_set(model: TextToImageModel, cfg: dict) -> CalibrationSet:
+    """Seeded prompts (any digit, any training template) and initial noise."""
+    n, m = cfg["samples"], cfg["held_out"]
+    if n < 1 or m < 1:
+        raise ValueError(f"empty calibration set: samples={n}, held_out={m} (need at least 1 each)")
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    digits = torch.randint(0, 10, (n + m,), generator=gen).tolist()
+    templates = torch.randint(0, len(TEMPLATES), (n + m,), generator=gen).tolist()
+    prompts = [prompt_for(d, TEMPLATES[t]) for d, t in zip(digits, templates)]
+    noise = initial_noise(n + m, model.sample_shape, cfg["seed"])
+    return CalibrationSet(prompts[:n], noise[:n], prompts[n:], noise[n:])
+
+
+def run_sampler(model: TextToImageModel, prompts: list[str], noise: torch.Tensor, cfg: dict,
+                sampling: dict, on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Sample like the experiment does (its guidance and batch size), over `cfg['steps']` steps."""
+    sample_images(model, prompts, noise, cfg["steps"], sampling["guidance"], sampling["batch_size"],
+                  on_progress=on_progress)
+
+
+def _input_of(args: tuple) -> torch.Tensor:
+    return args[0].detach()
+
+
+class AbsMax:
+    """Forward pre-hooks recording the largest |input| of each named layer."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.values = {name: 0.0 for name in layers}
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            self.values[name] = max(self.values[name], _input_of(args).abs().max().item())
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class BlockInputs:
+    """The positional and keyword inputs of one module, for every call during calibration."""
+
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)
+
+    @classmethod
+    def record(cls, block: nn.Module) -> tuple["BlockInputs", object]:
+        """Start recording `block`'s inputs; returns (recorder, hook handle to remove)."""
+        rec = cls()
+
+        def hook(module, args, kwargs):
+            detach = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v
+            rec.calls.append((tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}))
+
+        return rec, block.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class HeldOutMoments:
+    """Forward pre-hooks summing z z^T (float64) with z = [x, q(x) - x] per named layer."""
+
+    def __init__(self, layers: dict[str, nn.Module], quantizers: dict[str, Quantizer]):
+        self.quantizers = quantizers
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = {name: 0 for name in layers}
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = _input_of(args).float().reshape(-1, module.in_features)
+            q = self.quantizers.get(name)
+            z = torch.cat([x, q(x) - x], dim=1) if q is not None else x
+            g = (z.T @ z).double()
+            self.sums[name] = self.sums[name] + g if name in self.sums else g
+            self.tokens[name] += x.shape[0]
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def output_error(moments: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor) -> float:
+    """Relative output error ||q(X) W_q^T - X W^T|| / ||X W^T|| from held-out moments (see the
+    module docstring); the moments are [in, in] without activation quantization, else [2in, 2in]."""
+    w, w_q = w.double(), w_q.double()
+    cols = w.shape[1]
+    m = torch.cat([w_q - w, w_q], dim=1) if moments.shape[0] == 2 * cols else w_q - w
+    err = (m @ moments * m).sum().item()
+    ref = (w @ moments[:cols, :cols] * w).sum().item()
+    if ref <= 0:
+        return 0.0
+    return max(err, 0.0) ** 0.5 / ref**0.5
+
+
+def save_calibration(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> int:
+    """Write the calibration statistics atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(plain, str(tmp), metadata={META_KEY: json.dumps(config, sort_keys=True)})
+    tmp.replace(path)
+    return os.path.getsize(path)
+
+
+def load_calibration(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config and tensors written by `save_calibration`."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if META_KEY not in meta:
+            raise ValueError(f"{path}: not a qtui calibration file (no {META_KEY} metadata)")
+        return json.loads(meta[META_KEY]), {k: f.get_tensor(k) for k in f.keys()}

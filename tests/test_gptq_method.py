@@ -1,0 +1,355 @@
+"""The `gptq` method on a tiny MMDiT: calibration Hessians, block-by-block inputs, GPTQ against
+RTN per layer, activation quantization, grouped packing, bad input, and `engine run` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine.config import load_catalogue
+from engine.errors import ConfigError
+from engine.methods import validate_method
+from engine.store import Store
+from tests.conftest import engine
+
+CAL = {"samples": 4, "held_out": 3, "steps": 3, "seed": 1}
+SAMPLING = {"guidance": 2.0, "batch_size": 4}
+TO_Q = "transformer_blocks.{}.attn.to_q"
+
+GPTQ_TOML = """
+[experiments.tiny-gptq]
+model = "{model}"
+feature_model = "{classifier}"
+samples = 10
+steps = 3
+guidance = 2.0
+batch_size = 10
+bootstrap = 5
+
+[experiments.tiny-gptq.variants.rtn-w4a8]
+method = "rtn"
+bits = 4
+scope = "blocks"
+act_bits = 8
+calibration = {{ samples = 4, held_out = 3, steps = 3 }}
+
+[experiments.tiny-gptq.variants.gptq-w2a8]
+description = "2 bits, so that the tiny model's images visibly differ from full precision"
+method = "gptq"
+bits = 2
+group_size = 8
+act_order = true
+act_bits = 8
+calibration = {{ samples = 4, held_out = 3, steps = 3 }}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_mmdit(tmp_path_factory):
+    """A 2-block MMDiT of width 16 (a few training steps), saved with save_pretrained."""
+    from engine.train.digits_mmdit import MMDiTTrainConfig, train_digits_mmdit
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("mmdit") / "digits-mmdit"
+    cfg = MMDiTTrainConfig(steps=3, batch_size=8, num_layers=2, num_heads=2, head_dim=8, text_dim=16)
+    train_digits_mmdit(out, cfg, log=lambda *a: None)
+    return out
+
+
+def load(path):
+    from engine.models.loader import load_text_to_image
+
+    return load_text_to_image(path, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def gptq_run(tiny_mmdit, tmp_path_factory):
+    """GPTQ W4A8 (static) quantized in place by the driver, and its folder."""
+    from engine.quant.gptq_method import quantize_calibrated
+
+    folder = tmp_path_factory.mktemp("gptq")
+    model = load(tiny_mmdit)
+    params = validate_method("gptq", {"bits": 4, "act_bits": 8, "calibration": CAL})
+    return quantize_calibrated(model, "gptq", params, SAMPLING, folder), model, params
+
+
+def direct_hessians(path, names):
+    """2/n X^T X of each layer's raw inputs on the full-precision model, over the same
+    calibration prompts, noise and steps."""
+    from engine.quant.calibration_hessians import calibration_set, run_sampler
+
+    model = load(path)
+    modules = dict(model.denoiser.named_modules())
+    inputs = {name: [] for name in names}
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n in names]
+    cal = calibration_set(model, CAL)
+    run_sampler(model, cal.prompts, cal.noise, CAL, SAMPLING)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, xs in inputs.items():
+        x = torch.cat(xs).double()
+        out[name] = 2 * x.T @ x / x.shape[0]
+    return out
+
+
+def test_hessians_equal_x_transpose_x_and_later_blocks_see_quantized_inputs(gptq_run, tiny_mmdit):
+    from engine.quant.calibration_hessians import load_calibration
+
+    result, _, _ = gptq_run
+    meta, tensors = load_calibration(result.calibration_path)
+    direct = direct_hessians(tiny_mmdit, [TO_Q.format(0), TO_Q.format(1)])
+    first = tensors[f"hessian.{TO_Q.format(0)}"].double()
+    assert torch.allclose(first, direct[TO_Q.format(0)], rtol=1e-4, atol=1e-5 * first.abs().max().item())
+    # 4 prompts x 3 steps x 2 (guidance) model calls, 64 image tokens each
+    assert meta["nsamples"][TO_Q.format(0)] == 4 * 3 * 2 * 64
+    # block 1 was calibrated on the outputs of the quantized block 0, not the FP ones
+    second, fp_second = tensors[f"hessian.{TO_Q.format(1)}"].double(), direct[TO_Q.format(1)]
+    change = (second - fp_second).norm() / fp_second.norm()
+    assert 1e-4 < change < 0.5
+
+
+def test_gptq_beats_rtn_on_nearly_every_layer(gptq_run):
+    result, _, _ = gptq_run
+    quantized = [l for l in result.layers if l["bits"] is not None]
+    assert len(quantized) == 14 + 11  # the last block has no to_add_out nor ff_context
+    assert all(l["name"].startswith("transformer_blocks.") for l in quantized)
+    wins = sum(l["out_err"] <= json.loads(l["extra"])["rtn_out_err"] for l in quantized)
+    assert wins >= 0.9 * len(quantized)
+    kept = {l["name"]: json.loads(l["extra"])["reason"] for l in result.layers if l["bits"] is None}
+    assert "embedder" in kept["context_embedder"] and "output" in kept["proj_out"]
+    assert set(result.metrics) == {"calibration_s", "quantize_s"}
+
+
+def test_rtn_w4a8_errors_are_the_gptq_runs_reference(gptq_run, tiny_mmdit, tmp_path):
+    """Same calibration: same activation scales and held-out inputs, so the RTN run's out_err
+    is exactly the rtn_out_err that the GPTQ run compares itself with."""
+    from engine.quant.gptq_method import quantize_calibrated
+
+    gptq, _, _ = gptq_run
+    params = validate_method("rtn", {"bits": 4, "scope": "blocks", "act_bits": 8, "calibration": CAL})
+    rtn = quantize_calibrated(load(tiny_mmdit), "rtn", params, SAMPLING, tmp_path)
+    assert [l["name"] for l in rtn.layers] == [l["name"] for l in gptq.layers]
+    for a, b in zip(rtn.layers, gptq.layers):
+        if b["bits"] is not None:
+            assert a["out_err"] == pytest.approx(json.loads(b["extra"])["rtn_out_err"], rel=1e-9)
+
+
+def test_requantize_from_the_saved_calibration_reproduces_the_codes(gptq_run, tiny_mmdit):
+    from engine.quant.gptq_method import requantize
+
+    result, _, _ = gptq_run
+    again = requantize(load(tiny_mmdit).denoiser, result.calibration_path)
+    assert set(again) == set(result.packed)
+    for name, r in again.items():
+        assert torch.equal(r.codes, result.packed[name].codes), name
+        assert torch.equal(r.weight, result.results[name])
+
+
+def test_output_error_from_held_out_moments_is_exact():
+    from engine.quant.act_quant import fake_quant_static, static_scale
+    from engine.quant.calibration_hessians import HeldOutMoments, output_error
+
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(12, 5)
+    x = torch.randn(40, 12, generator=g) * 3
+    scale = static_scale(x.abs().max().item(), 8)
+    q = lambda v: fake_quant_static(v, scale, 8)
+    w_q = layer.weight.detach() + 0.01 * torch.randn(5, 12, generator=g)
+    for quantizer in ({}, {"l": q}):
+        moments = HeldOutMoments({"l": layer}, quantizer)
+        layer(x[:25]), layer(x[25:])
+        moments.remove()
+        xq = q(x) if quantizer else x
+        w = layer.weight.detach()
+        direct = ((xq.double() @ w_q.double().T - x.double() @ w.double().T).norm() / (x.double() @ w.double().T).norm())
+        assert output_error(moments.sums["l"], w, w_q) == pytest.approx(direct.item(), rel=1e-6)
+
+
+def test_activation_quantization_bounds_and_stored_scale():
+    from engine.quant.act_quant import add_act_quant, fake_quant_dynamic, fake_quant_static, static_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, generator=g)
+    scale = static_scale(2.0, 8)
+    q = fake_quant_static(x, scale, 8)
+    inside = x.abs() <= 2.0
+    assert ((q - x).abs()[inside] <= scale / 2 + 1e-7).all()
+    assert torch.equal(q[~inside], x[~inside].sign() * 127 * scale)
+    assert len(torch.unique(torch.round(q / scale))) <= 255
+    d = fake_quant_dynamic(x, 8)
+    row_scale = x.abs().amax(1, keepdim=True) / 127
+    assert ((d - x).abs() <= row_scale / 2 + 1e-7).all()
+    layer = nn.Linear(10, 3)
+    before = layer(x)
+    add_act_quant(layer, 8, "static", absmax=2.0)
+    assert layer.state_dict()["act_scale"] == scale
+    assert torch.allclose(layer(x), nn.functional.linear(q, layer.weight, layer.bias))
+    assert not torch.equal(layer(x), before)
+    with pytest.raises(ValueError, match="already"):
+        add_act_quant(layer, 8, "dynamic")
+
+
+def test_grouped_codes_round_trip_exactly(tmp_path):
+    from engine.quant.gptq import GPTQ
+    from engine.quant.gptq_method import _stored
+    from engine.quant.packing import load_packed, save_packed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 8), nn.Linear(8, 4))
+    g = GPTQ(model[0], "0")
+    g.add_batch(torch.randn(200, 32))
+    for symmetric in (True, False):
+        result = g.quantize(4, symmetric=symmetric, group_size=8, act_order=True)
+        with torch.no_grad():
+            model[0].weight.copy_(result.weight)
+            model[0].bias.copy_(model[0].bias.half().float())
+        path = tmp_path / f"w{symmetric}.safetensors"
+        save_packed(path, model, {"0": _stored(result)})
+        loaded = load_packed(path)
+        assert torch.equal(loaded["0.weight"], result.weight)
+        assert torch.equal(loaded["1.weight"], model[1].weight)
+
+
+def test_a_failing_layer_restores_the_model_and_writes_nothing(tiny_mmdit, tmp_path, monkeypatch):
+    from engine.quant import gptq as gptq_module
+    from engine.quant.act_quant import act_quant_of
+    from engine.quant.gptq_method import quantize_calibrated
+
+    model = load(tiny_mmdit)
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    original = gptq_module.GPTQ.quantize
+
+    def fail_in_block_1(self, **kwargs):
+        if self.name.startswith("transformer_blocks.1."):
+            self.H.fill_(-1.0)  # not positive definite, whatever the damping
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(gptq_module.GPTQ, "quantize", fail_in_block_1)
+    params = validate_method("gptq", {"bits": 4, "act_bits": 8, "calibration": CAL})
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.norm1\.linear is not positive definite.*larger damp"):
+        quantize_calibrated(model, "gptq", params, SAMPLING, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    after = model.denoiser.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(act_quant_of(m) for m in model.denoiser.modules())
+
+
+@pytest.mark.parametrize(
+    "variant, key, message",
+    [
+        ('method = "gptq"\nbits = 9', "bits", "between 2 and 8"),
+        ('method = "gptq"\nbits = 4\ndamp = 0', "damp", "must be a number > 0"),
+        ('method = "gptq"\nbits = 4\ngroup_size = 12', "group_size", "does not divide the input width 16"),
+        ('method = "gptq"\nbits = 4\ncalibration = { samples = 0 }', "calibration.samples", "empty calibration set"),
+        ('method = "gptq"\nbits = 4\nact_bits = 4', "act_bits", "must be 8"),
+        ('method = "rtn"\nbits = 4\nact_mode = "sometimes"', "act_mode", "static, dynamic"),
+    ],
+)
+def test_bad_gptq_keys_are_located_errors(tmp_path, tiny_mmdit, tiny_models, variant, key, message):
+    path = tmp_path / "experiments.toml"
+    path.write_text(f'[experiments.e]\nmodel = "{tiny_mmdit}"\nfeature_model = "{tiny_models["classifier"]}"\n\n'
+                    f"[experiments.e.variants.v]\n{variant}\n")
+    with pytest.raises(ConfigError) as info:
+        load_catalogue(path)
+    err = info.value
+    assert err.key == f"experiments.e.variants.v.{key}" and message in err.message
+    assert err.file == str(path)
+    assert path.read_text().splitlines()[err.line - 1].startswith(key.split(".")[0])
+
+
+def test_gptq_needs_a_transformer(tmp_path, tiny_models):
+    path = tmp_path / "experiments.toml"
+    path.write_text(f'[experiments.e]\nmodel = "{tiny_models["model"]}"\nfeature_model = "{tiny_models["classifier"]}"\n\n'
+                    '[experiments.e.variants.v]\nmethod = "gptq"\nbits = 4\n')
+    with pytest.raises(ConfigError, match="needs a transformer denoiser"):
+        load_catalogue(path)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_mmdit, tiny_models):
+    root = tmp_path_factory.mktemp("e2e-gptq")
+    toml = root / "experiments.toml"
+    toml.write_text(GPTQ_TOML.format(model=tiny_mmdit, classifier=tiny_models["classifier"]))
+    result = engine("run", "tiny-gptq", "--experiments", str(toml), "--runs-dir", str(root / "runs"))
+    return result, Store.open(root / "runs")
+
+
+def test_engine_run_records_gptq_and_rtn_with_int8_activations(finished):
+    result, store = finished
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = {r["variant"]: r for r in store.runs()}
+    assert set(runs) == {"rtn-w4a8", "gptq-w2a8"} and all(r["status"] == "done" for r in runs.values())
+    layers = {v: {l["name"]: l for l in store.layers(r["id"])} for v, r in runs.items()}
+    for variant, run in runs.items():
+        metrics = store.metrics(run["id"])
+        assert {"calibration_s", "quantize_s", "fid", "prompt_acc", "size_ratio"} <= set(metrics)
+        assert metrics["size_ratio"] < 0.5
+        kinds = {a["kind"] for a in store.artifacts(run["id"])}
+        assert {"checkpoint", "calibration"} <= kinds
+        assert layers[variant][TO_Q.format(0)]["out_err"] > 0
+    gptq = [l for l in layers["gptq-w2a8"].values() if l["bits"] is not None]
+    assert sum(l["out_err"] <= json.loads(l["extra"])["rtn_out_err"] for l in gptq) >= 0.9 * len(gptq)
+    assert "W2A8 g8" in result.stdout
+
+
+def test_images_come_from_the_stored_gptq_checkpoint(finished, tiny_mmdit):
+    from engine.data.digits import eval_labels, prompt_for
+    from engine.grids import load_samples, to_uint8
+    from engine.quant import load_packed
+    from engine.quant.gptq_method import prepare_quantized
+    from engine.sampling import initial_noise, sample_images
+
+    _, store = finished
+    run = [r for r in store.runs() if r["variant"] == "gptq-w2a8"][0]
+    config = json.loads(run["config"])
+    folder = store.runs_dir / run["folder"]
+    stored, _ = load_samples(folder / "samples.safetensors")
+    model = load(tiny_mmdit)
+    prompts = [prompt_for(l) for l in eval_labels(10)]
+    noise = initial_noise(10, model.sample_shape, config["sampling"]["seed"])
+    args = (prompts, noise, config["sampling"]["steps"], config["sampling"]["guidance"], 10)
+    full_precision = to_uint8(sample_images(model, *args)).astype(int)
+    prepare_quantized(model.denoiser, "gptq", config["params"])
+    model.denoiser.load_state_dict(load_packed(folder / "weights.safetensors"), strict=True)
+    quantized = to_uint8(sample_images(model, *args)).astype(int)
+    assert np.abs(quantized - stored.astype(int)).max() <= 1
+    assert np.abs(full_precision - stored.astype(int)).max() > 1
+
+
+def test_the_shipped_experiment_compares_four_variants_on_the_shipped_mmdit():
+    """The catalogue's gptq-w4a8 entry, checked variant by variant against the shipped model
+    (the whole catalogue needs every shipped model, which test_config covers)."""
+    import tomllib
+
+    from engine.methods import check_against_model
+    from engine.models.layer_shapes import read_model_tensors
+    from engine.models.registry import SHIPPED_DIR
+    from tests.conftest import REPO
+
+    exp = tomllib.loads((REPO / "experiments.toml").read_text())["experiments"]["gptq-w4a8"]
+    assert exp["model"] == "digits-mmdit" and exp["samples"] >= 1000
+    tensors = read_model_tensors(SHIPPED_DIR / "digits-mmdit")
+    params = {}
+    for name, raw in exp["variants"].items():
+        keys = {k: v for k, v in raw.items() if k not in ("description", "method")}
+        params[name] = validate_method(raw["method"], keys)
+        check_against_model(raw["method"], params[name], lambda: tensors)
+    assert set(params) == {"fp", "rtn-w4a8", "gptq-w4a8", "gptq-w4a16"}
+    assert params["gptq-w4a8"]["act_bits"] == 8 and params["gptq-w4a16"]["act_bits"] == 16
+    assert params["rtn-w4a8"]["calibration"] == params["gptq-w4a8"]["calibration"]
+    training = json.loads((SHIPPED_DIR / "digits-mmdit" / "training.json").read_text())
+    assert training["train_config"]["seed"] == 0
