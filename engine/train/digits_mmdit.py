@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.data.digits import TEMPLATES, all_prompt_words, load_digits_16, prompt_for
+from engine.data.digits import load_digits_16
 from engine.models.loader import DIGITS_MMDIT_PIPELINE, write_index
-
-TOKENIZER = "ViT-B-32"
+from engine.train.common import TOKENIZER, PromptBatches, cosine_lr, ema_update, optimizer_step
 
 
 @dataclass
@@ -91,18 +90,13 @@ def save_model(out: Path, transformer, encoder, sched) -> None:
 
 
 def train_digits_mmdit(out: Path, cfg: MMDiTTrainConfig, log=print) -> dict:
-    import open_clip
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    tokenizer = open_clip.get_tokenizer(TOKENIZER)
-    vocab_ids = sorted(set(tokenizer(all_prompt_words() + [""], context_length=cfg.max_length).flatten().tolist()))
+    prompts = PromptBatches(cfg.max_length)
+    vocab_ids = prompts.vocab_ids
     images, labels = load_digits_16()
-    table = torch.stack(
-        [tokenizer([prompt_for(d, t) for t in TEMPLATES], context_length=cfg.max_length) for d in range(10)]
-    )  # [10, T, L]
-    empty = tokenizer([""], context_length=cfg.max_length)[0]
 
     transformer, encoder = build_models(cfg, vocab_ids)
     ema_transformer, ema_encoder = copy.deepcopy(transformer).eval(), copy.deepcopy(encoder).eval()
@@ -110,17 +104,12 @@ def train_digits_mmdit(out: Path, cfg: MMDiTTrainConfig, log=print) -> dict:
     n_train = sched.config.num_train_timesteps
     params = list(transformer.parameters()) + list(encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / cfg.steps * torch.pi)).item())
     n_params = sum(p.numel() for p in transformer.parameters())
     log(f"digits-mmdit: {n_params:,} transformer parameters, {cfg.steps} steps of batch {cfg.batch_size}")
     out = Path(out)
     start, losses = time.time(), []
     for step in range(cfg.steps):
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx]
-        ids = table[y, torch.randint(0, len(TEMPLATES), (cfg.batch_size,), generator=gen)]
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.prompt_dropout
-        ids[drop] = empty
+        x0, ids = prompts.sample(images, labels, cfg.batch_size, cfg.prompt_dropout, gen)
         noise = torch.randn(x0.shape, generator=gen)
         u = compute_density_for_timestep_sampling(
             "logit_normal", cfg.batch_size, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, generator=gen
@@ -132,16 +121,8 @@ def train_digits_mmdit(out: Path, cfg: MMDiTTrainConfig, log=print) -> dict:
         states, pooled = encoder(ids)
         pred = transformer(xt, states, pooled, timesteps).sample
         loss = F.mse_loss(pred, noise - x0)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            for ema, model in ((ema_transformer, transformer), (ema_encoder, encoder)):
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - cfg.ema_decay)
+        optimizer_step(opt, params, loss, cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup))
+        ema_update([(ema_transformer, transformer), (ema_encoder, encoder)], cfg.ema_decay)
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
             log(f"step {step + 1}/{cfg.steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.data.digits import TEMPLATES, all_prompt_words, load_digits_16, prompt_for
+from engine.data.digits import load_digits_16
 from engine.models.loader import DIGITS_PIPELINE, write_index
-
-TOKENIZER = "ViT-B-32"
+from engine.train.common import TOKENIZER, PromptBatches, cosine_lr, ema_update, optimizer_step
 
 
 @dataclass
@@ -65,18 +64,11 @@ def scheduler():
 
 
 def train_digits_unet(out: Path, cfg: UNetTrainConfig, log=print) -> dict:
-    import open_clip
-
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    tokenizer = open_clip.get_tokenizer(TOKENIZER)
-    vocab_ids = sorted(set(tokenizer(all_prompt_words() + [""], context_length=cfg.max_length).flatten().tolist()))
+    prompts = PromptBatches(cfg.max_length)
+    vocab_ids = prompts.vocab_ids
     images, labels = load_digits_16()
-    # Token ids of every (class, template) prompt, and of the empty prompt (for guidance).
-    table = torch.stack(
-        [tokenizer([prompt_for(d, t) for t in TEMPLATES], context_length=cfg.max_length) for d in range(10)]
-    )  # [10, T, L]
-    empty = tokenizer([""], context_length=cfg.max_length)[0]
 
     unet, encoder = build_models(cfg, vocab_ids)
     ema_unet, ema_encoder = copy.deepcopy(unet).eval(), copy.deepcopy(encoder).eval()
@@ -84,32 +76,19 @@ def train_digits_unet(out: Path, cfg: UNetTrainConfig, log=print) -> dict:
     alphas = sched.alphas_cumprod
     params = list(unet.parameters()) + list(encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / cfg.steps * torch.pi)).item())
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"digits-unet: {n_params:,} UNet parameters, {cfg.steps} steps of batch {cfg.batch_size}")
     start, losses = time.time(), []
     for step in range(cfg.steps):
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx]
-        ids = table[y, torch.randint(0, len(TEMPLATES), (cfg.batch_size,), generator=gen)]
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.prompt_dropout
-        ids[drop] = empty
+        x0, ids = prompts.sample(images, labels, cfg.batch_size, cfg.prompt_dropout, gen)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         states, _ = encoder(ids)
         loss = F.mse_loss(unet(xt, t, states).sample, noise)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            for ema, model in ((ema_unet, unet), (ema_encoder, encoder)):
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - cfg.ema_decay)
+        optimizer_step(opt, params, loss, cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup))
+        ema_update([(ema_unet, unet), (ema_encoder, encoder)], cfg.ema_decay)
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
             log(f"step {step + 1}/{cfg.steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
