@@ -55,3 +55,22 @@ def ema_update(pairs: list[tuple[nn.Module, nn.Module]], decay: float) -> None:
     for ema, model in pairs:
         for pe, pm in zip(ema.parameters(), model.parameters()):
             pe.lerp_(pm, 1 - decay)
+
+
+def save_pipeline(out, kind: str, folder: str, denoiser: nn.Module, encoder: nn.Module, sched) -> None:
+    """Save a digits pipeline directory: denoiser, prompt encoder, scheduler, model_index.json."""
+    from pathlib import Path
+
+    from engine.models.loader import write_index
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    denoiser.save_pretrained(out / folder)
+    encoder.save_pretrained(out / "text_encoder")
+    sched.save_pretrained(out / "scheduler")
+    write_index(out, kind, {
+        folder: ["diffusers", type(denoiser).__name__],
+        "text_encoder": ["engine", "PromptEncoder"],
+        "scheduler": ["diffusers", type(sched).__name__],
+        "tokenizer": ["open_clip", TOKENIZER],
+    })

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.data.digits import load_digits_16
-from engine.models.loader import DIGITS_MMDIT_PIPELINE, write_index
-from engine.train.common import TOKENIZER, PromptBatches, cosine_lr, ema_update, optimizer_step
+from engine.models.loader import DIGITS_MMDIT_PIPELINE
+from engine.train.common import PromptBatches, cosine_lr, ema_update, optimizer_step, save_pipeline
 
 
 @dataclass
@@ -73,20 +73,7 @@ def scheduler():
 
 
 def save_model(out: Path, transformer, encoder, sched) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(out / "transformer")
-    encoder.save_pretrained(out / "text_encoder")
-    sched.save_pretrained(out / "scheduler")
-    write_index(
-        out,
-        DIGITS_MMDIT_PIPELINE,
-        {
-            "transformer": ["diffusers", "SD3Transformer2DModel"],
-            "text_encoder": ["engine", "PromptEncoder"],
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "tokenizer": ["open_clip", TOKENIZER],
-        },
-    )
+    save_pipeline(out, DIGITS_MMDIT_PIPELINE, "transformer", transformer, encoder, sched)
 
 
 def train_digits_mmdit(out: Path, cfg: MMDiTTrainConfig, log=print) -> dict:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.data.digits import load_digits_16
-from engine.models.loader import DIGITS_PIPELINE, write_index
-from engine.train.common import TOKENIZER, PromptBatches, cosine_lr, ema_update, optimizer_step
+from engine.models.loader import DIGITS_PIPELINE
+from engine.train.common import PromptBatches, cosine_lr, ema_update, optimizer_step, save_pipeline
 
 
 @dataclass
@@ -94,20 +94,7 @@ def train_digits_unet(out: Path, cfg: UNetTrainConfig, log=print) -> dict:
             log(f"step {step + 1}/{cfg.steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
                 f"({time.time() - start:.0f} s)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ema_unet.save_pretrained(out / "unet")
-    ema_encoder.save_pretrained(out / "text_encoder")
-    sched.save_pretrained(out / "scheduler")
-    write_index(
-        out,
-        DIGITS_PIPELINE,
-        {
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "text_encoder": ["engine", "PromptEncoder"],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "tokenizer": ["open_clip", TOKENIZER],
-        },
-    )
+    save_pipeline(out, DIGITS_PIPELINE, "unet", ema_unet, ema_encoder, sched)
     summary = {"train_config": asdict(cfg), "final_loss": sum(losses[-100:]) / len(losses[-100:]),
                "seconds": round(time.time() - start, 1), "unet_params": n_params}
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
