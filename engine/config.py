@@ -23,6 +23,7 @@ from pathlib import Path
 from engine.errors import ConfigError
 from engine.methods import BadKey, check_against_model, validate_method
 from engine.models.registry import ModelNotFound, resolve_model
+from engine.run_config import EvalConfig, ModelRef, RunConfig, SamplingConfig
 
 EXPERIMENT_DEFAULTS = {
     "description": "",
@@ -66,23 +67,23 @@ class Experiment:
     def run_config(self, variant: str, samples: int | None = None) -> dict:
         """The full, resolved config of one run: what is stored, hashed and executed."""
         v = self.variants[variant]
-        return {
-            "experiment": self.name,
-            "variant": v.name,
-            "description": v.description,
-            "model": {"id": self.model, "path": str(self.model_path)},
-            "feature_model": {"id": self.feature_model, "path": str(self.feature_model_path)},
-            "method": v.method,
-            "params": v.params,
-            "sampling": {
-                "samples": samples if samples is not None else self.samples,
-                "steps": self.steps,
-                "guidance": self.guidance,
-                "seed": self.seed,
-                "batch_size": self.batch_size,
-            },
-            "eval": {"bootstrap": self.bootstrap},
-        }
+        return RunConfig(
+            experiment=self.name,
+            variant=v.name,
+            description=v.description,
+            model=ModelRef(self.model, str(self.model_path)),
+            feature_model=ModelRef(self.feature_model, str(self.feature_model_path)),
+            method=v.method,
+            params=v.params,
+            sampling=SamplingConfig(
+                samples=samples if samples is not None else self.samples,
+                steps=self.steps,
+                guidance=self.guidance,
+                seed=self.seed,
+                batch_size=self.batch_size,
+            ),
+            eval=EvalConfig(bootstrap=self.bootstrap),
+        ).to_dict()
 
 
 @dataclass(frozen=True)

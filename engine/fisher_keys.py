@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 
-from engine.methods import BadKey
+from engine.methods.base import BadKey
 from engine.mixed_precision import EVERY_OTHER_LAYER, FP16, FP32
 
 MIN_BITS, MAX_BITS = 2, 8

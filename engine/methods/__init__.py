@@ -1,0 +1,62 @@
+"""Quantization methods: one module per method, each defining its `SPEC` (engine.methods.base).
+
+    validate_method(method, keys)     the variant's keys, normalized, or BadKey (torch-free)
+    check_against_model(...)          the checks that need the model's layer shapes
+    describe_bits(method, params)     a short label for tables
+    quantize_model(ctx)               quantize a run's denoiser: the one verb the pipeline calls
+
+A new method is a new module listed in `METHOD_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from engine.methods.base import BadKey, MethodSpec, QuantContext, QuantResult
+from engine.methods.keys import ROLES
+
+METHOD_MODULES = ("none", "rtn", "gptq", "fisher")
+
+
+def _load() -> dict[str, MethodSpec]:
+    specs = {}
+    for name in METHOD_MODULES:
+        spec = importlib.import_module(f"engine.methods.{name}").SPEC
+        specs[spec.name] = spec
+    return specs
+
+
+METHODS: dict[str, MethodSpec] = _load()
+
+
+def method_spec(method: str) -> MethodSpec:
+    if method not in METHODS:
+        raise BadKey("method", f"unknown method {method!r}; methods are {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def validate_method(method: str, keys: dict) -> dict:
+    return method_spec(method).validate(keys)
+
+
+def check_against_model(method: str, params: dict, tensors: Callable[[], object]) -> None:
+    """The checks of a method's keys that need the model's layer names and shapes. `tensors()`
+    returns an `engine.mixed_precision.ModelTensors` read torch-free from the model's header, or
+    None when it cannot be read (the worker then checks exactly). Raises BadKey."""
+    check = method_spec(method).check_model
+    if check is not None:
+        check(params, tensors)
+
+
+def describe_bits(method: str, params: dict) -> str:
+    """A short label such as 'conv W4, attention W8' for tables."""
+    return method_spec(method).describe(params)
+
+
+def quantize_model(ctx: QuantContext) -> QuantResult:
+    return method_spec(ctx.run.method).quantize(ctx)
+
+
+__all__ = ["BadKey", "METHODS", "ROLES", "MethodSpec", "QuantContext", "QuantResult", "check_against_model",
+           "describe_bits", "method_spec", "quantize_model", "validate_method"]
