@@ -20,6 +20,7 @@ from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, 
 from engine.models.loader import load_feature_model, load_text_to_image
 from engine.quant import RTNConfig, load_packed, quantizable_layers, quantize_, save_packed
 from engine.quant.calibration_hessians import CALIBRATION_FILE
+from engine.quant.packing import bits_per_weight
 from engine.quant.gptq_method import needs_calibration
 from engine.sampling import initial_noise, sample_images
 from engine.store import Store
@@ -163,6 +164,7 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
         latency_ms=latency_ms,
         peak_mem_mb=peak_memory_mb(model.device),
         mean_bits=mean_bits(layers),
+        bits_per_weight=bits_per_weight(folder / CHECKPOINT_FILE) if config["method"] != "none" else None,
         quantize_s=quantize_seconds,
     )
     metrics.update(timings)  # calibration_s, and quantize_s without the calibration
