@@ -119,6 +119,7 @@ class QtuiApp(App[None]):
             max_parallel=self.max_parallel,
             executor=self.executor,
             on_change=lambda: self.poller.poke(),
+            experiments=self.experiments_path,
         )
         for thread in (self.tailer, self.launcher):
             thread.start()
@@ -128,7 +129,7 @@ class QtuiApp(App[None]):
             if thread is not None:
                 thread.stop()
         if self.launcher is not None and self.launcher.is_alive():
-            self.launcher.join(timeout=10)  # marks runs that never started as cancelled
+            self.launcher.join(timeout=10)  # finishes the command it is executing
 
     @work(thread=True, exclusive=True, group="catalogue", exit_on_error=False)
     def load_catalogue(self) -> None:
@@ -266,14 +267,7 @@ class QtuiApp(App[None]):
         return False
 
     async def action_quit(self) -> None:
-        """Quit; running runs keep running. Runs still waiting in this qtui's queue would never
-        start, so they are cancelled, after a confirmation."""
-        waiting = self.launcher.waiting_count() if self.launcher is not None else 0
-        if waiting and not self._confirmed(
-            "quit", None, f"{waiting} queued run(s) have not started and will be cancelled; "
-            "press q again to quit (running runs go on)",
-        ):
-            return
+        """Quit; running runs keep running and the scheduler goes on starting queued ones."""
         self.exit()
 
     def action_launch(self) -> None:
