@@ -6,6 +6,7 @@
 # with their output on /dev/null (so they hold no caller's pipe open). Stop with slurm-down.sh.
 # Needs root.
 set -euo pipefail
+STARTED=/run/qtui-slurm-up.started  # the daemons this script started (slurm-down.sh stops those)
 MARK="# written by qtui .ci/slurm-up.sh"
 CONF=/etc/slurm/slurm.conf
 
@@ -66,9 +67,16 @@ chown munge:munge /run/munge
 [ -s /etc/munge/munge.key ] || { mungekey --create >/dev/null 2>&1 || true; chown munge:munge /etc/munge/munge.key; }
 if ! pgrep -u munge -x munged >/dev/null; then
     runuser -u munge -- /usr/sbin/munged >/dev/null 2>&1 </dev/null
+    echo munged >> "$STARTED"
 fi
-pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld >/dev/null 2>&1 </dev/null
-pgrep -x slurmd >/dev/null || /usr/sbin/slurmd >/dev/null 2>&1 </dev/null
+if ! pgrep -x slurmctld >/dev/null; then
+    /usr/sbin/slurmctld >/dev/null 2>&1 </dev/null
+    echo slurmctld >> "$STARTED"
+fi
+if ! pgrep -x slurmd >/dev/null; then
+    /usr/sbin/slurmd >/dev/null 2>&1 </dev/null
+    echo slurmd >> "$STARTED"
+fi
 
 for _ in $(seq 1 60); do
     if sinfo --noheader -o %T 2>/dev/null | grep -Eq "idle|mixed|alloc"; then

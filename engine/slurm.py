@@ -55,10 +55,21 @@ def slurm_available() -> str | None:
     return None
 
 
+def ignore_preemption_signal() -> None:
+    """In the worker: Slurm sends submitit's warning signal (USR2) to every process of the job
+    step, and its default action would kill the worker long before the time limit."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    signal.signal(getattr(signal, f"SIG{name}", signal.SIGUSR2), signal.SIG_IGN)
+
+
 class WorkerJob:
     """What an array task runs (pickled by submitit): the worker command, its output in the
-    run's worker.log. If submitit's signal handler gives up on the job (time limit), the
-    worker is stopped first so that it can report the signal."""
+    run's worker.log.
+
+    submitit's own signal handler (USR2, `signal_delay_s` before the time limit) raises an
+    UncompletedJobError for a job that is not checkpointable; the worker is left running
+    instead, so that Slurm itself ends the job at its limit and its state says TIMEOUT (the
+    reason the run is failed with). Any other way out stops the worker first."""
 
     def __init__(self, command: list[str], log_path: str):
         self.command, self.log_path = command, log_path
@@ -66,9 +77,16 @@ class WorkerJob:
     def __call__(self) -> int:
         with open(self.log_path, "ab") as log:
             process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                       stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                       preexec_fn=ignore_preemption_signal)
             try:
-                code = process.wait()
+                while True:
+                    try:
+                        code = process.wait()
+                        break
+                    except Exception as exc:  # submitit: "timed-out and not checkpointable"
+                        print(f"qtui: {type(exc).__name__}: {exc}; the worker goes on until Slurm's limit",
+                              flush=True)
             except BaseException:
                 process.send_signal(signal.SIGTERM)
                 try:
