@@ -107,22 +107,6 @@ def cmd_run(args) -> int:
 QUEUE_COLUMNS = ("pos", "run", "experiment", "variant", "executor", "where", "state")
 
 
-def queue_state(run: dict) -> tuple[str, str]:
-    """(where, state) of a queued run: the GPU or Slurm job it has, and its state."""
-    from engine.runner import shown_status
-
-    where = ""
-    if run.get("job_id"):
-        where = f"slurm {run['job_id']}" + (f" on {run['node']}" if run.get("node") else "")
-    elif run.get("gpu") is not None:
-        where = f"GPU {run['gpu']}"
-    if run["status"] == "queued" and not run.get("claimed_by"):
-        return where, "waiting"
-    if run["status"] == "queued" and not run.get("slurm_state"):
-        return where, "starting"
-    return where, shown_status(run)
-
-
 def cmd_queue(args) -> int:
     if args.queue_command == "add":
         return cmd_queue_add(args)
@@ -131,7 +115,7 @@ def cmd_queue(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from engine.queue_store import live_schedulers, queued_runs
+    from engine.queue_store import live_schedulers, queue_state, queued_runs
 
     if not (Path(args.runs_dir) / "qtui.db").exists():
         print("the queue is empty (no database yet)")
@@ -145,7 +129,7 @@ def cmd_queue(args) -> int:
     for run in running:
         where, state = queue_state(run)
         table.add_row("-", str(run["id"]), run["experiment"], run["variant"], run.get("executor") or "local",
-                      where or (run.get("host") or ""), state)
+                      where, state)
     for pos, run in enumerate(queued, 1):
         where, state = queue_state(run)
         table.add_row(str(pos), str(run["id"]), run["experiment"], run["variant"], run.get("executor") or "local",

@@ -254,3 +254,29 @@ def adopt_candidates(store: Store) -> bool:
     return store.db.conn.execute(
         "select count(*) from runs where status = 'queued' or "
         "(executor = 'slurm' and status = 'running')").fetchone()[0] > 0
+
+
+def slurm_status(run: dict) -> str:
+    """Slurm's own state of a submitted run, with its reason: "PENDING (Priority)"."""
+    reason = run.get("slurm_reason")
+    state = run.get("slurm_state") or ""
+    return f"{state} ({reason})" if reason and reason != "None" else state
+
+
+def queue_state(run: dict) -> tuple[str, str]:
+    """(where, state) of a queued or running run, as the queue views show it: its GPU or
+    Slurm job (and node), and waiting / starting / Slurm's state / running."""
+    where = ""
+    if run.get("job_id"):
+        where = f"slurm {run['job_id']}" + (f" on {run['node']}" if run.get("node") else "")
+    elif run.get("gpu") is not None:
+        where = f"GPU {run['gpu']}" + (f" on {run['host']}" if run.get("host") else "")
+    elif run["status"] == "running" and run.get("host"):
+        where = run["host"]
+    if run["status"] == "queued" and not run.get("claimed_by"):
+        return where, "waiting"
+    if run.get("slurm_state") and (run["status"] == "queued" or run["slurm_state"] != "RUNNING"):
+        return where, slurm_status(run)
+    if run["status"] == "queued":
+        return where, "starting"
+    return where, run["status"]

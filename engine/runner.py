@@ -80,9 +80,10 @@ def queue_runs(store: Store, experiment: Experiment, variants: list[str], sample
 
 
 def shown_status(run: dict) -> str:
+    from engine.queue_store import slurm_status
+
     if run["status"] == "queued" and run.get("slurm_state"):
-        reason = run.get("slurm_reason")
-        return f"{run['slurm_state']} ({reason})" if reason and reason != "None" else run["slurm_state"]
+        return slurm_status(run)
     return run["status"]
 
 

@@ -40,7 +40,7 @@ STATUS_FILTERS = (None, *STATUSES)
 CONFIRM_SECONDS = 3.0
 MAIN_SCREEN_ACTIONS = {
     "cycle_status", "heatmap", "samples", "export", "rerun_failed", "reload", "toggle_tree",
-    "launch", "cancel_run", "rerun",
+    "launch", "cancel_run", "rerun", "queue",
 }
 
 
@@ -59,6 +59,7 @@ class QtuiApp(App[None]):
         Binding("v", "samples", "Samples"),
         Binding("e", "export", "Export"),
         Binding("R", "rerun_failed", "Rerun failed"),
+        Binding("u", "queue", "Queue", show=False),  # in the keys panel (?); the footer is full
         Binding("question_mark", "toggle_keys", "Keys"),
         Binding("q", "quit", "Quit"),
         Binding("ctrl+r", "reload", "Reload toml", show=False),
@@ -336,6 +337,11 @@ class QtuiApp(App[None]):
             self.notify("no run selected", severity="warning")
             return
         self.push_screen(SamplesScreen(self.runs_dir, run))
+
+    def action_queue(self) -> None:
+        from qtui.components.queue_screen import QueueScreen
+
+        self.push_screen(QueueScreen(self.runs_dir))
 
     def action_export(self) -> None:
         from qtui.components.export_screen import ExportScreen
