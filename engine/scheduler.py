@@ -154,6 +154,8 @@ class Scheduler:
             return
         for run, job_id in zip(batch, job_ids):
             set_fields(self.store, run["id"], job_id=job_id, slurm_state="PENDING", host=socket.gethostname())
+            if self.store.get_run(run["id"])["status"] not in ("queued", "running"):
+                slurm.scancel(job_id)  # cancelled while it was being submitted
         say(f"runs {[r['id'] for r in batch]}: submitted as Slurm jobs {', '.join(job_ids)}")
 
     def watch_slurm(self) -> None:
