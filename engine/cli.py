@@ -115,7 +115,7 @@ def cmd_queue(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from engine.queue_store import live_schedulers, queue_state, queued_runs
+    from engine.queue_store import adopt_candidates, live_schedulers, queue_state, queued_runs
 
     if not (Path(args.runs_dir) / "qtui.db").exists():
         print("the queue is empty (no database yet)")
@@ -136,6 +136,13 @@ def cmd_queue(args) -> int:
                       where, state)
     Console().print(table)
     schedulers = live_schedulers(store)
+    if not schedulers and adopt_candidates(store):  # a scheduler died (killed, reboot): resume
+        from engine.scheduler import ensure_scheduler
+        from engine.settings import load_settings
+
+        settings = load_settings(args.experiments)
+        pid = ensure_scheduler(store.runs_dir, settings.jobs, settings.gpus, store)
+        print(f"no scheduler was draining this queue: started one (pid {pid})")
     desc = ", ".join(f"pid {s['pid']} on {s['host']} (jobs {s['jobs']}"
                      + (f", gpus {','.join(json.loads(s['gpus']))})" if s["gpus"] and s["gpus"] != "null" else ")")
                      for s in schedulers)

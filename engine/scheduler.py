@@ -103,11 +103,15 @@ class Scheduler:
             if code is None:
                 continue
             del self.children[run_id]
-            if code != 0:
+            status = "failed"
+            if self.store.get_run(run_id).get("cancel_requested"):
+                # stopped by a cancel whose caller has not recorded it yet
+                status, error = "cancelled", "cancelled by the user"
+            elif code != 0:
                 error = f"worker exited with code {code}: {log_tail(handle.log_path)}"
             else:
                 error = "worker exited without recording a result"
-            if self.store.finish_if_unfinished(run_id, "failed", error):
+            if self.store.finish_if_unfinished(run_id, status, error):
                 say(f"run {run_id}: {error}")
             else:
                 say(f"run {run_id}: worker exited ({code})")

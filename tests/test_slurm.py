@@ -131,3 +131,32 @@ def test_a_job_killed_at_its_time_limit_fails_with_slurms_reason(tmp_path, tiny_
     assert run["slurm_state"] == "TIMEOUT"
     assert re.search(r"TimeLimit|TIMEOUT", run["error"])
     assert time.time() - started < 200
+
+
+def test_a_new_scheduler_adopts_slurm_runs_of_a_dead_one(tmp_path, tiny_experiments):
+    settings(tiny_experiments.parent)
+    runs_dir = tmp_path / "runs"
+    env = dict(os.environ, QTUI_WORKER_COMMAND=json.dumps(TEST_WORKER), SCHED_HANG="1", PYTHONPATH=str(HERE.parent))
+    cli = [sys.executable, "-m", "engine.cli"]
+    out = subprocess.run([*cli, "queue", "add", "tiny", "--executor", "slurm", "--variant", "fp",
+                          "--experiments", str(tiny_experiments), "--runs-dir", str(runs_dir)],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run = wait_for(lambda: next((r for r in runs_of(runs_dir) if r["status"] == "running"), None), what="running")
+    store = Store.open(runs_dir)
+    [old] = [r["pid"] for r in store.db.query("select pid from schedulers")]
+    os.kill(old, signal.SIGKILL)
+    beat = store.get_run(run["id"])["heartbeat_at"]
+    time.sleep(3)
+    assert store.get_run(run["id"])["heartbeat_at"] == beat  # nobody ingests any more
+    listing = subprocess.run([*cli, "queue", "--experiments", str(tiny_experiments), "--runs-dir", str(runs_dir)],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert "started one" in listing.stdout, listing.stdout + listing.stderr
+    wait_for(lambda: store.get_run(run["id"])["heartbeat_at"] > beat + 2, timeout=60, what="ingestion resumed")
+    assert "Slurm run adopted" in (runs_dir / "scheduler.log").read_text()
+    out = engine("queue", "cancel", str(run["id"]), "--runs-dir", str(runs_dir))
+    assert out.returncode == 0 and "scancel" in out.stdout
+    wait_for(lambda: gone_from_squeue(run["job_id"]), timeout=60, what="the job leaves the queue")
+    wait_for(lambda: not store.db.execute("select count(*) from schedulers").fetchone()[0], timeout=60,
+             what="the new scheduler exits")
+    assert store.get_run(run["id"])["status"] == "cancelled"
