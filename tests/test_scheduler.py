@@ -279,3 +279,27 @@ def test_a_remote_worker_never_opens_the_database(tmp_path, tiny_experiments):
     refused = subprocess.run([sys.executable, "-c", "import sqlite3; sqlite3.connect(':memory:')"],
                              capture_output=True, text=True, env=env)
     assert refused.returncode != 0 and "may not open SQLite" in refused.stderr
+
+
+def test_ctrl_c_of_engine_run_cancels_only_its_own_runs(tmp_path, test_worker, monkeypatch):
+    write_catalogue(tmp_path)
+    monkeypatch.setenv("SCHED_HANG", "1")
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), PYTHONUNBUFFERED="1")
+    common = ["--experiments", str(tmp_path / "experiments.toml"), "--runs-dir", str(tmp_path / "runs")]
+    cli = [sys.executable, "-m", "engine.cli"]
+    added = subprocess.run([*cli, "queue", "add", "digits-rtn", "--variant", "w2", *common],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert added.returncode == 0, added.stderr
+    store = Store.open(tmp_path / "runs")
+    other = wait_for(lambda: next(iter(store.runs(status="running")), None), what="the other run")
+    proc = subprocess.Popen([*cli, "run", "digits-rtn", "--variant", "w8", "--variant", "w4", *common],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: len(store.runs()) == 3, what="queued behind it")
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    statuses = {r["id"]: r["status"] for r in store.runs()}
+    assert statuses.pop(other["id"]) == "running" and set(statuses.values()) == {"cancelled"}
+    assert engine("queue", "cancel", str(other["id"]), "--runs-dir", str(tmp_path / "runs")).returncode == 0
+    assert store.get_run(other["id"])["status"] == "cancelled"
