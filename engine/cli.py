@@ -130,11 +130,14 @@ def cmd_queue(args) -> int:
         where, state = queue_state(run)
         table.add_row("-", str(run["id"]), run["experiment"], run["variant"], run.get("executor") or "local",
                       where, state)
-    for pos, run in enumerate(queued, 1):
+    pos = 0
+    for run in queued:
         where, state = queue_state(run)
-        table.add_row(str(pos), str(run["id"]), run["experiment"], run["variant"], run.get("executor") or "local",
-                      where, state)
-    Console().print(table)
+        pos += state == "waiting"  # claimed runs are starting (or pending in Slurm): no place
+        table.add_row(str(pos) if state == "waiting" else "-", str(run["id"]), run["experiment"], run["variant"],
+                      run.get("executor") or "local", where, state)
+    console = Console()
+    Console(width=max(console.width, 120)).print(table)
     schedulers = live_schedulers(store)
     if not schedulers and adopt_candidates(store):  # a scheduler died (killed, reboot): resume
         from engine.scheduler import ensure_scheduler
