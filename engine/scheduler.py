@@ -132,8 +132,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- Slurm
     def slurm_runs(self) -> list[dict]:
-        return rows(self.store.db.conn, "select * from runs where executor = 'slurm' and claimed_by = ? "
-                                        "and status in ('queued', 'running')", [self.token])
+        """The Slurm runs this scheduler watches: unfinished ones, and finished ones whose job
+        Slurm still shows as active (so that the run records Slurm's final state)."""
+        from engine.slurm import ACTIVE_STATES
+
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        return rows(self.store.db.conn, "select * from runs where executor = 'slurm' and claimed_by = ? and "
+                                        f"(status in ('queued', 'running') or slurm_state in ({marks}))",
+                    [self.token, *sorted(ACTIVE_STATES)])
 
     def submit_slurm(self) -> None:
         batch = claim_slurm_batch(self.store, self.token)

@@ -80,12 +80,14 @@ def test_a_tiny_experiment_on_slurm_ends_done(tiny_experiments, tmp_path):
     assert sorted(r["job_id"].split("_")[1] for r in runs) == ["0", "1", "2"]
     for run in runs:
         assert run["executor"] == "slurm" and run["node"] == socket.gethostname().split(".")[0]
-        assert run["slurm_state"] in ("COMPLETED", "COMPLETING", "RUNNING")
         metrics = store.metrics(run["id"])
         assert metrics["fid_ci_low"] <= metrics["fid"] <= metrics["fid_ci_high"]
         assert store.layers(run["id"]) and {"grid", "samples"} <= {a["kind"] for a in store.artifacts(run["id"])}
         log = (runs_dir / run["folder"] / "worker.log").read_text()
         assert "remote: no database" in log
+    # the scheduler stays until Slurm's final state is recorded on each run
+    wait_for(lambda: [r["slurm_state"] for r in runs_of(runs_dir)] == ["COMPLETED"] * 3, timeout=30,
+             what="Slurm's final state")
     state = finished_state(runs[0]["job_id"])
     assert state is not None and state.state == "COMPLETED" and state.name.startswith("qtui-")
     assert "prompt acc" in result.stdout  # the results table, as with local runs
@@ -112,6 +114,8 @@ def test_cancel_and_ctrl_c_reach_scancel(tmp_path, tiny_experiments):
     wait_for(lambda: gone_from_squeue(second["job_id"]), timeout=60, what="the second job leaves the queue")
     assert finished_state(second["job_id"]).state == "CANCELLED"
     assert [r["status"] for r in runs_of(runs_dir)] == ["cancelled", "cancelled"]
+    wait_for(lambda: [r["slurm_state"] for r in runs_of(runs_dir)] == ["CANCELLED"] * 2, timeout=30,
+             what="Slurm's final state recorded")
 
 
 def test_a_job_killed_at_its_time_limit_fails_with_slurms_reason(tmp_path, tiny_experiments):
