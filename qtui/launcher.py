@@ -72,7 +72,7 @@ class Launcher(threading.Thread):
     # ---------------------------------------------------------------- the thread
     def run(self) -> None:
         try:
-            if (self.runs_dir / "qtui.db").exists():
+            if not self._stopping.wait(1.0) and unattended_work(self.runs_dir):  # after the first paint
                 self._do(("resume",))
             while not self._stopping.is_set():
                 try:
@@ -193,6 +193,25 @@ class Launcher(threading.Thread):
             self.notify(f"run #{run_id} finished ({run['status']}) before it could be cancelled", False)
         else:
             self.notify(f"run #{run_id} could not be cancelled: it runs on {run.get('host')}", True)
+
+
+def unattended_work(runs_dir: Path) -> bool:
+    """Queued runs or Slurm runs in flight (read with the standard library: the engine's
+    modules are imported only when there is something to resume)."""
+    import sqlite3
+
+    path = runs_dir / "qtui.db"
+    if not path.exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2)
+        try:
+            return conn.execute("select count(*) from runs where status = 'queued' or "
+                                "(executor = 'slurm' and status = 'running')").fetchone()[0] > 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
 
 
 def describe(ids: list[int]) -> str:
