@@ -1,7 +1,8 @@
 """Calibration data for post-training quantization, collected with the full-precision model.
 
 The calibration set is `samples` prompts (random digits and prompt templates drawn from the
-calibration seed, never the evaluation's prompts or noise) sampled by the experiment's own
+calibration seed for the digits models, seeded draws from the experiment's prompts otherwise;
+never the evaluation's noise) sampled by the experiment's own
 sampler and guidance, over every step of a `steps`-step schedule, so the statistics cover the
 whole noise range and both halves of classifier-free guidance. A further `held_out` prompts
 give the inputs on which each layer's output error is measured.
@@ -34,7 +35,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.data.digits import TEMPLATES, prompt_for
 from engine.models.loader import TextToImageModel
 from engine.sampling import initial_noise, sample_images
 
@@ -51,24 +51,24 @@ class CalibrationSet:
     held_out_noise: torch.Tensor
 
 
-def calibration_set(model: TextToImageModel, cfg: dict) -> CalibrationSet:
-    """Seeded prompts (any digit, any training template) and initial noise."""
+def calibration_set(model: TextToImageModel, cfg: dict, prompts: list[str] | None = None) -> CalibrationSet:
+    """Seeded prompts (the model's own, e.g. any digit under any training template, or draws
+    from the experiment's `prompts`) and initial noise."""
     n, m = cfg["samples"], cfg["held_out"]
     if n < 1 or m < 1:
         raise ValueError(f"empty calibration set: samples={n}, held_out={m} (need at least 1 each)")
     gen = torch.Generator().manual_seed(cfg["seed"])
-    digits = torch.randint(0, 10, (n + m,), generator=gen).tolist()
-    templates = torch.randint(0, len(TEMPLATES), (n + m,), generator=gen).tolist()
-    prompts = [prompt_for(d, TEMPLATES[t]) for d, t in zip(digits, templates)]
+    prompts = model.calibration_prompts(n + m, gen, prompts)
     noise = initial_noise(n + m, model.sample_shape, cfg["seed"])
     return CalibrationSet(prompts[:n], noise[:n], prompts[n:], noise[n:])
 
 
 def run_sampler(model: TextToImageModel, prompts: list[str], noise: torch.Tensor, cfg: dict,
                 sampling: dict, on_progress: Callable[[int, int], None] | None = None) -> None:
-    """Sample like the experiment does (its guidance and batch size), over `cfg['steps']` steps."""
+    """Sample like the experiment does (its guidance, negative prompt and batch size), over
+    `cfg['steps']` steps."""
     sample_images(model, prompts, noise, cfg["steps"], sampling["guidance"], sampling["batch_size"],
-                  on_progress=on_progress)
+                  on_progress=on_progress, negative_prompt=sampling.get("negative_prompt", ""))
 
 
 def _input_of(args: tuple) -> torch.Tensor:
