@@ -28,7 +28,8 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 class InitialLatents:
-    """The initial latents of samples 0..n-1, drawn on demand: `latents[a:b]` is [b - a, *shape]."""
+    """The initial latents of samples 0..n-1, drawn on demand: `latents[a:b]` is [b - a, *shape],
+    `latents[i]` one sample's."""
 
     def __init__(self, n: int, shape: Sequence[int], seed: int):
         self.n, self.shape, self.seed = n, tuple(shape), seed
@@ -36,7 +37,9 @@ class InitialLatents:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, part: slice) -> torch.Tensor:
+    def __getitem__(self, part: slice | int) -> torch.Tensor:
+        if isinstance(part, int):
+            return self[part : part + 1 if part != -1 else None][0]
         indices = range(self.n)[part]
         out = torch.empty((len(indices), *self.shape), dtype=torch.float32)
         for row, i in enumerate(indices):

@@ -129,19 +129,20 @@ def inspect_pipeline(path: str | Path, drop_t5: bool = False) -> PipelineInfo:
                         patch=int(denoiser.get("patch_size") or 1), sample_size=int(sample_size), has_t5=has_t5)
 
 
+def check_side(info: PipelineInfo, key: str, value: int | None) -> int:
+    """`height` or `width`: the model's default when None, else a positive multiple of what the
+    model needs (VAE scale factor x patch size). Digits models have one size only."""
+    if value is None:
+        return info.default_size
+    if info.is_digits and value != info.default_size:
+        raise PipelineError(f"{key} = {value}: the digits models generate {info.default_size}x"
+                            f"{info.default_size} images only")
+    if value <= 0 or value % info.multiple:
+        raise PipelineError(f"{key} = {value} is not a positive multiple of {info.multiple} (this model's "
+                            f"VAE scale factor {info.vae_scale} x patch size {info.patch})")
+    return value
+
+
 def check_size(info: PipelineInfo, height: int | None, width: int | None) -> tuple[int, int]:
-    """(height, width), the model's default where not given; each a positive multiple of what
-    the model needs (VAE scale factor x patch size). Digits models have one size only."""
-    out = []
-    for key, value in (("height", height), ("width", width)):
-        if value is None:
-            out.append(info.default_size)
-            continue
-        if info.is_digits and value != info.default_size:
-            raise PipelineError(f"{key} = {value}: the digits models generate {info.default_size}x"
-                                f"{info.default_size} images only")
-        if value <= 0 or value % info.multiple:
-            raise PipelineError(f"{key} = {value} is not a positive multiple of {info.multiple} (this model's "
-                                f"VAE scale factor {info.vae_scale} x patch size {info.patch})")
-        out.append(value)
-    return out[0], out[1]
+    """(height, width), checked as `check_side` does."""
+    return check_side(info, "height", height), check_side(info, "width", width)

@@ -27,11 +27,15 @@ class DiffusersAdapter(PipelineAdapter):
         super().__init__(info, options, device)
         os.environ["HF_HUB_OFFLINE"] = "1"
         import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
         self.kind = info.class_name
         try:
             pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
-                self.path, torch_dtype=self.dtype, local_files_only=True, use_safetensors=True, **self.load_kwargs())
+                self.path, dtype=self.dtype, local_files_only=True, use_safetensors=True, **self.load_kwargs())
         except (OSError, ValueError, EnvironmentError) as exc:
             from engine.models.loader import ModelLoadError
 

@@ -23,7 +23,7 @@ class DigitsAdapter(PipelineAdapter):
         self.kind = info.class_name
         folder = info.family.denoiser
         class_name = index[folder][1]
-        load = {"low_cpu_mem_usage": False, "torch_dtype": self.dtype}
+        load = {"low_cpu_mem_usage": False, "dtype": self.dtype}
         denoiser = getattr(diffusers, class_name).from_pretrained(self.path / folder, **load)
         text_encoder = PromptEncoder.from_pretrained(self.path / "text_encoder", **load)
         self.scheduler_config = json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
