@@ -114,7 +114,9 @@ def digits_source() -> tuple[torch.Tensor, list[list[str]]]:
     return digits_training_data()
 
 
-def calibration_for(model: TextToImageModel, samples: int, seed: int) -> CalibrationSet:
-    """The calibration set of a loaded model, from the data its family was trained on."""
-    images, prompts = model.calibration_source()
-    return build_calibration(model, images, prompts, samples, seed)
+def calibration_for(model: TextToImageModel, samples: int, seed: int, prompts: list[str] | None = None
+                    ) -> CalibrationSet:
+    """The calibration set of a loaded model, from the data its family was trained on (or, for
+    real pipelines, latents it generates from the experiment's `prompts`)."""
+    images, choices = model.calibration_source(samples, seed, prompts)
+    return build_calibration(model, images, choices, samples, seed)

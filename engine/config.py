@@ -205,7 +205,7 @@ class _Reader:
             except ModelNotFound as exc:
                 self.fail(table, key, str(exc))
         options, info = self.model_options(table, values, paths["model"])
-        prompts, prompts_file, digest = self.prompts(table, values["prompts"], info)
+        prompts, prompts_file, digest = self.prompts(table, values["prompts"], info, needs_model is not None)
         if not isinstance(values["negative_prompt"], str):
             self.fail(table, "negative_prompt", f"must be a string, got {values['negative_prompt']!r}")
         self.integer(table, "samples", values["samples"], 1)
@@ -287,8 +287,10 @@ class _Reader:
                                width=values["width"])
         return options, info
 
-    def prompts(self, table, value, info):
-        """(inline prompts, prompts file, its sha256); (None, None, None) for the model's own."""
+    def prompts(self, table, value, info, model_absent: bool = False):
+        """(inline prompts, prompts file, its sha256); (None, None, None) for the model's own.
+        With the model folder absent, an absent prompts file is not an error yet (the experiment
+        is listed as needing its model and cannot run)."""
         if value is None:
             if info is not None and not info.is_digits:
                 self.fail(table, "prompts", f"is required for {info.class_name} (a file with one prompt a line, "
@@ -299,6 +301,8 @@ class _Reader:
         if isinstance(value, str):
             path = Path(value).expanduser()
             path = path if path.is_absolute() else self.path.parent / path
+            if model_absent and not path.exists():
+                return None, path, None
             try:
                 _, digest = read_prompts(path)
             except PromptsError as exc:

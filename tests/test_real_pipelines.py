@@ -339,3 +339,26 @@ def test_gptq_w4a8_on_sd3_blocks(tmp_path, tiny_sd3):
     outside = [l for l in layers if l["bits"] is None]
     assert {l["name"] for l in outside} >= {"pos_embed.proj", "context_embedder", "proj_out"}
     assert metrics["size_ratio"] < 1 and images.shape == (4, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_example_catalogue_lists_its_experiments_as_needing_their_models():
+    from tests.conftest import REPO
+
+    catalogue = load_catalogue(REPO / "examples" / "experiments-sd.toml")
+    needs = {name: exp.needs_model for name, exp in catalogue.experiments.items()}
+    assert needs == {"sd15-attention-ablation": "/data/models/stable-diffusion-v1-5",
+                     "sd35m-gptq-w4a8": "/data/models/stable-diffusion-3.5-medium"}
+    gptq = catalogue.get("sd35m-gptq-w4a8")
+    assert gptq.options.drop_t5 and gptq.variants["gptq-w4a8"].params["act_bits"] == 8
+
+
+def test_fisher_on_stable_diffusion_from_generated_latents(tmp_path, tiny_sd):
+    extra = '[experiments.sd.variants.fisher]\nmethod = "fisher"\nstrategy = "ratio"\nratio = 0.25\n' \
+            'measure_sensitivity = false\ncalibration = {{ samples = 4, seed = 1 }}\n'
+    toml = write(tmp_path, SD_TOML + "\n" + extra, tiny_sd)
+    layers, metrics, images = quantize_and_sample(tmp_path, toml, "sd", "fisher")
+    bits = [l["bits"] for l in layers]
+    assert set(bits) == {4, 8} and all(l["fisher"] is not None and l["fisher"] >= 0 for l in layers)
+    assert metrics["high_fraction"] > 0 and torch.isfinite(images).all()
+    # the statistics were cached under a key that includes the generated data's prompts
+    assert list((tmp_path / "runs" / "cache").glob("fisher-*.safetensors"))

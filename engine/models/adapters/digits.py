@@ -13,6 +13,8 @@ from engine.models.adapters.base import Conditioning, PipelineAdapter
 
 
 class DigitsAdapter(PipelineAdapter):
+    auto_dtype = torch.float32  # tiny models: float32 on every device, as they were trained and measured
+
     def __init__(self, info, options, device):
         import diffusers
 
@@ -68,8 +70,11 @@ class DigitsAdapter(PipelineAdapter):
         templates = torch.randint(0, len(TEMPLATES), (n,), generator=gen).tolist()
         return [prompt_for(d, TEMPLATES[t]) for d, t in zip(digits, templates)]
 
-    def calibration_source(self):
+    def calibration_source(self, samples, seed, prompts):
         return digits_training_data()
+
+    def calibration_key(self, calibration, prompts):
+        return calibration  # the digits data are fixed
 
 
 def digits_training_data() -> tuple[torch.Tensor, list[list[str]]]:
