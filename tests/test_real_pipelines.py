@@ -362,3 +362,27 @@ def test_fisher_on_stable_diffusion_from_generated_latents(tmp_path, tiny_sd):
     assert metrics["high_fraction"] > 0 and torch.isfinite(images).all()
     # the statistics were cached under a key that includes the generated data's prompts
     assert list((tmp_path / "runs" / "cache").glob("fisher-*.safetensors"))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_noise_prediction_objective_inverts_to_the_clean_latents(prediction):
+    """x_t and the target of a UNet's calibration inputs give back x_0 through the DDPM algebra."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from engine.models.adapters.objectives import NoisePrediction
+
+    config = dict(DDPMScheduler(prediction_type=prediction).config)
+    owner = SimpleNamespace(scheduler_config=config, path="m")
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(8, 4, 4, 4, generator=gen), torch.randn(8, 4, 4, 4, generator=gen)
+    x_t, t, target = NoisePrediction.noised(owner, x0, noise, gen)
+    a = DDPMScheduler.from_config(config).alphas_cumprod[t].view(-1, 1, 1, 1)
+    if prediction == "epsilon":
+        assert torch.equal(target, noise)
+        recovered = (x_t - (1 - a).sqrt() * target) / a.sqrt()
+    else:
+        recovered = a.sqrt() * x_t - (1 - a).sqrt() * target
+    assert torch.allclose(recovered, x0, atol=1e-4)
+    assert len(set(t.tolist())) == 8  # one timestep per stratum of the schedule

@@ -48,7 +48,13 @@ class DigitsAdapter(PipelineAdapter):
         """The experiment's scheduler class, or `default`, from the model's scheduler config."""
         import diffusers
 
-        return getattr(diffusers, self.options.scheduler or default).from_config(self.scheduler_config)
+        from engine.models.loader import ModelLoadError
+
+        name = self.options.scheduler or default
+        cls = getattr(diffusers, name, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ModelLoadError(f"{self.path}: no diffusers scheduler {name!r}")
+        return cls.from_config(self.scheduler_config)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1, 1).float().cpu()
