@@ -386,3 +386,15 @@ def test_noise_prediction_objective_inverts_to_the_clean_latents(prediction):
         recovered = a.sqrt() * x_t - (1 - a).sqrt() * target
     assert torch.allclose(recovered, x0, atol=1e-4)
     assert len(set(t.tolist())) == 8  # one timestep per stratum of the schedule
+
+
+def test_engine_run_on_stable_diffusion_refuses_digits_evaluation(tmp_path, tiny_sd):
+    """Until the Inception / CLIP evaluation is in, a run on a real pipeline fails before any
+    work with a clear error, recorded as failed (the sampling path is tested above)."""
+    from engine.store import Store
+
+    toml = write(tmp_path, SD_TOML, tiny_sd)
+    result = engine("run", "sd", "--variant", "W4", "--experiments", str(toml), "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 1
+    (run,) = Store.open(tmp_path / "runs").runs()
+    assert run["status"] == "failed" and "Inception" in run["error"]
