@@ -21,9 +21,14 @@ import torch
 Progress = Callable[[int, int], None]
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """The generator seed of sample `index` of an experiment seeded `seed` (63 bits)."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+EVALUATION, CALIBRATION, GENERATED = 0, 1, 2  # streams: noise that must never coincide
+
+
+def sample_seed(seed: int, index: int, stream: int = EVALUATION) -> int:
+    """The generator seed of sample `index` of `stream` seeded `seed` (63 bits). Streams keep the
+    calibration noise apart from the evaluation's even when their seeds are equal."""
+    entropy = [seed, index] if stream == EVALUATION else [seed, index, stream]
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return int(state) >> 1
 
 
@@ -31,8 +36,8 @@ class InitialLatents:
     """The initial latents of samples 0..n-1, drawn on demand: `latents[a:b]` is [b - a, *shape],
     `latents[i]` one sample's."""
 
-    def __init__(self, n: int, shape: Sequence[int], seed: int):
-        self.n, self.shape, self.seed = n, tuple(shape), seed
+    def __init__(self, n: int, shape: Sequence[int], seed: int, stream: int = EVALUATION):
+        self.n, self.shape, self.seed, self.stream = n, tuple(shape), seed, stream
 
     def __len__(self) -> int:
         return self.n
@@ -43,14 +48,14 @@ class InitialLatents:
         indices = range(self.n)[part]
         out = torch.empty((len(indices), *self.shape), dtype=torch.float32)
         for row, i in enumerate(indices):
-            generator = torch.Generator(device="cpu").manual_seed(sample_seed(self.seed, i))
+            generator = torch.Generator(device="cpu").manual_seed(sample_seed(self.seed, i, self.stream))
             out[row] = torch.randn(self.shape, generator=generator, dtype=torch.float32)
         return out
 
 
-def initial_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+def initial_noise(n: int, shape: Sequence[int], seed: int, stream: int = EVALUATION) -> torch.Tensor:
     """All n initial latents at once (small models, calibration sets)."""
-    return InitialLatents(n, shape, seed)[:]
+    return InitialLatents(n, shape, seed, stream)[:]
 
 
 @torch.no_grad()

@@ -83,13 +83,15 @@ def test_named_scheduler_and_size(tiny_sd):
 # --- initial latents: (seed, i) only ---------------------------------------------------------
 
 def test_latents_depend_only_on_seed_and_index(sd):
-    from engine.sampling import InitialLatents, initial_noise, sample_images
+    from engine.sampling import CALIBRATION, InitialLatents, initial_noise, sample_images
 
     shape = sd.sample_shape
     full = InitialLatents(6, shape, seed=7)
     assert torch.equal(full[:], torch.cat([full[0:2], full[2:5], full[5:6]]))
     assert torch.equal(initial_noise(4, shape, 7), full[:4])  # a subset is a prefix
     assert not torch.equal(full[0], InitialLatents(1, shape, seed=8)[0])
+    calibration = InitialLatents(6, shape, seed=7, stream=CALIBRATION)[:]  # same seed, its own noise
+    assert not any(torch.equal(calibration[i], full[j]) for i in range(6) for j in range(6))
 
     seen = {}
     original = sd.sample_batch

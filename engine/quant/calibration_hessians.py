@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.models.loader import TextToImageModel
-from engine.sampling import initial_noise, sample_images
+from engine.sampling import CALIBRATION, initial_noise, sample_images
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 CALIBRATION_FILE = "calibration.safetensors"
@@ -59,7 +59,7 @@ def calibration_set(model: TextToImageModel, cfg: dict, prompts: list[str] | Non
         raise ValueError(f"empty calibration set: samples={n}, held_out={m} (need at least 1 each)")
     gen = torch.Generator().manual_seed(cfg["seed"])
     prompts = model.calibration_prompts(n + m, gen, prompts)
-    noise = initial_noise(n + m, model.sample_shape, cfg["seed"])
+    noise = initial_noise(n + m, model.sample_shape, cfg["seed"], stream=CALIBRATION)
     return CalibrationSet(prompts[:n], noise[:n], prompts[n:], noise[n:])
 
 
