@@ -400,3 +400,16 @@ def test_engine_run_on_stable_diffusion_refuses_digits_evaluation(tmp_path, tiny
     assert result.returncode == 1
     (run,) = Store.open(tmp_path / "runs").runs()
     assert run["status"] == "failed" and "Inception" in run["error"]
+
+
+def test_a_folder_with_only_fp16_variant_weights_loads(tmp_path, tiny_sd, sd):
+    from engine.sampling import initial_noise, sample_images
+
+    copy = tmp_path / "sd-fp16"
+    shutil.copytree(tiny_sd, copy)
+    for f in copy.rglob("*.safetensors"):
+        f.rename(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")))
+    model = load(copy)
+    assert model.info.variant == "fp16" and sd.info.variant is None
+    noise = initial_noise(2, sd.sample_shape, 0)
+    assert torch.equal(sample_images(model, PROMPTS[:2], noise, 2, 3.0, 2), sample_images(sd, PROMPTS[:2], noise, 2, 3.0, 2))

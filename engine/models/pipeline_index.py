@@ -49,6 +49,7 @@ class PipelineInfo:
     patch: int  # latents per token side (1 for a UNet)
     sample_size: int  # the denoiser's native latent size
     has_t5: bool
+    variant: str | None = None  # "fp16" when some component ships only *.fp16.safetensors
 
     @property
     def multiple(self) -> int:
@@ -82,7 +83,8 @@ def _listed(index: dict, name: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
 
 
-def _check_component(path: Path, name: str) -> None:
+def _check_component(path: Path, name: str) -> str | None:
+    """Checks one component folder; returns its weights variant ("fp16") when it has only that."""
     folder = path / name
     if not folder.is_dir():
         raise PipelineError(f"{path}: component {name}/ is missing (listed in {INDEX_FILE})")
@@ -96,9 +98,14 @@ def _check_component(path: Path, name: str) -> None:
         return
     if not (folder / "config.json").is_file():
         raise PipelineError(f"{folder}: config.json is missing")
-    if not any(folder.glob("*.safetensors")):
+    weights = [f.name for f in folder.glob("*.safetensors")]
+    if not weights:
         other = " (only .bin weights: qtui loads safetensors only; convert them)" if any(folder.glob("*.bin")) else ""
         raise PipelineError(f"{folder}: no *.safetensors weights{other}")
+    plain = [w for w in weights if len(w.split(".")) == 2 or ".safetensors.index" in w]
+    if not plain and all(".fp16." in w for w in weights):
+        return "fp16"  # only the fp16 variant, as Hugging Face repositories often ship
+    return None
 
 
 def inspect_pipeline(path: str | Path, drop_t5: bool = False) -> PipelineInfo:
@@ -116,8 +123,8 @@ def inspect_pipeline(path: str | Path, drop_t5: bool = False) -> PipelineInfo:
         raise PipelineError(f"{path}: drop_t5 applies to SD 3.x pipelines only, not {class_name}")
     has_t5 = bool(family.t5) and not drop_t5 and all(_listed(index, c) for c in family.t5)
     components = family.components + (family.t5 if has_t5 else ())
-    for name in components:
-        _check_component(path, name)
+    variants = {_check_component(path, name) for name in components}
+    variant = "fp16" if "fp16" in variants else None
     denoiser = _json(path / family.denoiser / "config.json")
     vae_scale = 1
     if "vae" in components:
@@ -126,7 +133,8 @@ def inspect_pipeline(path: str | Path, drop_t5: bool = False) -> PipelineInfo:
     if isinstance(sample_size, list):
         sample_size = sample_size[0]
     return PipelineInfo(path=path, class_name=class_name, family=family, components=components, vae_scale=vae_scale,
-                        patch=int(denoiser.get("patch_size") or 1), sample_size=int(sample_size), has_t5=has_t5)
+                        patch=int(denoiser.get("patch_size") or 1), sample_size=int(sample_size), has_t5=has_t5,
+                        variant=variant)
 
 
 def check_side(info: PipelineInfo, key: str, value: int | None) -> int:

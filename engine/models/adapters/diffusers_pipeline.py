@@ -35,7 +35,8 @@ class DiffusersAdapter(PipelineAdapter):
         self.kind = info.class_name
         try:
             pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
-                self.path, dtype=self.dtype, local_files_only=True, use_safetensors=True, **self.load_kwargs())
+                self.path, dtype=self.dtype, local_files_only=True, use_safetensors=True, variant=info.variant,
+                **self.load_kwargs())
         except (OSError, ValueError, EnvironmentError) as exc:
             from engine.models.loader import ModelLoadError
 
