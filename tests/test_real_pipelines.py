@@ -413,3 +413,16 @@ def test_a_folder_with_only_fp16_variant_weights_loads(tmp_path, tiny_sd, sd):
     assert model.info.variant == "fp16" and sd.info.variant is None
     noise = initial_noise(2, sd.sample_shape, 0)
     assert torch.equal(sample_images(model, PROMPTS[:2], noise, 2, 3.0, 2), sample_images(sd, PROMPTS[:2], noise, 2, 3.0, 2))
+
+
+def test_the_catalogue_checks_real_pipelines_without_torch(tmp_path, tiny_sd3):
+    import subprocess
+    import sys
+
+    toml = write(tmp_path, SD3_TOML, tiny_sd3, "drop_t5 = true")
+    code = ("import sys; from engine.config import load_catalogue; "
+            f"load_catalogue({str(toml)!r}).get('sd3').run_config('gptq'); "
+            "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
