@@ -50,7 +50,8 @@ def cmd_list(args) -> int:
     for name, exp in catalogue.experiments.items():
         variants = ", ".join(f"{v} ({describe_bits(x.method, x.params)})" for v, x in exp.variants.items())
         runs = ", ".join(f"{n} {s}" for s, n in sorted(counts.get(name, {}).items())) or "-"
-        table.add_row(name, exp.model, variants, runs, exp.description)
+        model = exp.model if exp.needs_model is None else f"needs model {exp.needs_model}"
+        table.add_row(name, model, variants, runs, exp.description)
     Console().print(table)
     return 0
 
@@ -62,6 +63,9 @@ def chosen_runs(args):
 
     catalogue = load(args)
     experiment = catalogue.get(args.name)
+    if experiment.needs_model is not None:
+        raise UserError(f"{catalogue.path}: experiment {args.name!r} needs model {experiment.needs_model}: "
+                        "no such folder (put the diffusers pipeline folder there, or change `model`)")
     variants = args.variant or list(experiment.variants)
     for v in variants:
         if v not in experiment.variants:
@@ -198,7 +202,8 @@ def cmd_show(args) -> int:
     exp = catalogue.get(args.name)
     console = Console()
     console.print(f"[bold]{exp.name}[/bold]: {exp.description}")
-    console.print(f"model {exp.model} ({exp.model_path}); features {exp.feature_model}; "
+    console.print(f"model {exp.model} ({exp.model_path or 'needs model ' + str(exp.needs_model)}); "
+                  f"features {exp.feature_model}; "
                   f"{exp.samples} samples, {exp.steps} sampler steps, guidance {exp.guidance}, seed {exp.seed}")
     for name, v in exp.variants.items():
         console.print(f"  {name}: {v.method} {describe_bits(v.method, v.params)}  {v.description}")

@@ -60,8 +60,9 @@ class FisherPlan:
 
 
 def plan_fisher(model: TextToImageModel, params: dict, fp32_bytes: int, cache_dir: Path,
-                progress: Progress | None = None) -> FisherPlan:
-    """The per-layer precisions of a `fisher` variant and what to store about them."""
+                progress: Progress | None = None, prompts: list[str] | None = None) -> FisherPlan:
+    """The per-layer precisions of a `fisher` variant and what to store about them. `prompts`:
+    the experiment's, for models whose calibration data is generated from prompts."""
     progress = progress or (lambda *a, **k: None)
     denoiser = model.denoiser
     layers = quantizable_layers(denoiser)
@@ -79,8 +80,8 @@ def plan_fisher(model: TextToImageModel, params: dict, fp32_bytes: int, cache_di
         if least > limit:
             raise PlanError("budget", budget_message(params["budget"], params["candidates"], least / fp32_bytes))
     # 2. Statistics, computed once per model and calibration set.
-    cache = FisherCache(Path(cache_dir), model, params["calibration"])
-    calibration = functools.cache(lambda: calibration_for(model, **params["calibration"]))
+    cache = FisherCache(Path(cache_dir), model, model.calibration_key(params["calibration"], prompts))
+    calibration = functools.cache(lambda: calibration_for(model, **params["calibration"], prompts=prompts))
     stats, cached = cache.fisher(lambda: _fisher_stats(denoiser, calibration(), progress))
     low = low_precision(params)
     measured, sens_seconds = None, 0.0
