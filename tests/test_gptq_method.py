@@ -138,8 +138,8 @@ def test_held_out_prompts_are_disjoint_from_calibration_prompts(tiny_mmdit):
                   enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))]
         assert sum(counts) == len(prompts) and max(counts) - min(counts) <= 1
     # The text conditioning differs: no held-out prompt encodes to a calibration prompt's states.
-    states, pooled = model.encode(cal.prompts)
-    held_states, held_pooled = model.encode(cal.held_out_prompts)
+    cond, held = model.encode(cal.prompts), model.encode(cal.held_out_prompts)
+    states, pooled, held_states, held_pooled = cond.states, cond.pooled, held.states, held.pooled
     assert torch.cdist(held_pooled, pooled).min() > 1e-3
     assert torch.cdist(held_states.flatten(1), states.flatten(1)).min() > 1e-3
     # Noise: disjoint rows, and not the evaluation's noise even when the seeds are equal.
