@@ -38,10 +38,12 @@ from qtui.poller import PollerThread
 
 STATUS_FILTERS = (None, *STATUSES)
 CONFIRM_SECONDS = 3.0
-MAIN_SCREEN_ACTIONS = {
+# App actions that work on the main screen only: elsewhere their keys are free (and `q` never
+# quits from another screen; escape goes back everywhere).
+MAIN_SCREEN_ACTIONS = frozenset({
     "cycle_status", "heatmap", "samples", "export", "rerun_failed", "reload", "toggle_tree",
-    "launch", "cancel_run", "rerun",
-}
+    "launch", "cancel_run", "rerun", "details", "quit_main", "columns",
+})
 
 
 class QtuiApp(App[None]):
@@ -54,15 +56,22 @@ class QtuiApp(App[None]):
     ]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
     BINDINGS = [
-        Binding("f", "cycle_status", "Status"),
-        Binding("h", "heatmap", "Heatmap"),
-        Binding("v", "samples", "Samples"),
-        Binding("e", "export", "Export"),
-        Binding("R", "rerun_failed", "Rerun failed"),
-        Binding("question_mark", "toggle_keys", "Keys"),
-        Binding("q", "quit", "Quit"),
-        Binding("ctrl+r", "reload", "Reload toml", show=False),
-        Binding("t", "toggle_tree", "Tree", show=False),
+        Binding("l", "launch", "Launch", tooltip="Launch dialog: the variants chosen in the tree (or the "
+                "selected run's), with samples, seed, steps and guidance to override"),
+        Binding("h", "heatmap", "Heatmap", tooltip="Per-layer heatmap of the selected run's experiment"),
+        Binding("v", "samples", "Samples", tooltip="Sample grid of the selected run and its side-by-side grid"),
+        Binding("f", "cycle_status", "Status", tooltip="Filter the runs by status (cycles: any, queued, "
+                "running, done, failed, cancelled, lost)"),
+        Binding("e", "export", "Export", tooltip="Export the table as shown to CSV, Markdown, LaTeX or JSON"),
+        Binding("R", "rerun_failed", "Rerun failed", tooltip="Re-run the failed runs of the experiment "
+                "(press twice)"),
+        Binding("question_mark", "toggle_keys", "Keys", tooltip="This list of keys"),
+        Binding("q", "quit_main", "Quit", tooltip="Quit (main screen only; ctrl+q anywhere); running runs go on"),
+        Binding("escape", "back", "Back", show=False, tooltip="Back: close this screen; on the main "
+                "screen, clear the experiment and status filters"),
+        Binding("ctrl+r", "reload", "Reload toml", show=False, tooltip="Reload experiments.toml"),
+        Binding("t", "toggle_tree", "Tree", show=False, tooltip="Show or hide the experiments tree"),
+        Binding("tab", "focus_next", "Next pane", show=False, tooltip="Move to the next pane"),
     ]
 
     def __init__(
@@ -265,6 +274,9 @@ class QtuiApp(App[None]):
         self.notify(prompt, severity="warning", timeout=CONFIRM_SECONDS)
         return False
 
+    async def action_quit_main(self) -> None:
+        await self.action_quit()
+
     async def action_quit(self) -> None:
         """Quit; running runs keep running. Runs still waiting in this qtui's queue would never
         start, so they are cancelled, after a confirmation."""
@@ -380,10 +392,22 @@ class QtuiApp(App[None]):
         return True
 
     def action_toggle_keys(self) -> None:
-        if self.screen.query("HelpPanel"):
-            self.action_hide_help_panel()
+        from qtui.components.keys_screen import KeysScreen
+
+        if isinstance(self.screen, KeysScreen):
+            self.screen.dismiss()
         else:
-            self.action_show_help_panel()
+            self.push_screen(KeysScreen(self.screen, MAIN_SCREEN_ACTIONS))
+
+    def action_back(self) -> None:
+        """Escape: close the screen on top; on the main screen, clear the filters."""
+        if len(self.screen_stack) > 1:
+            self.pop_screen()
+            return
+        table = self.runs_table
+        if table.filter_experiment is not None or table.filter_status is not None:
+            table.set_filter(experiment=None, status=None)
+            self._retitle()
 
     def action_toggle_tree(self) -> None:
         self.experiments_tree.display = not self.experiments_tree.display

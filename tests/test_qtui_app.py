@@ -192,6 +192,35 @@ async def test_log_pane_streams_the_selected_runs_output_coalesced(demo, tmp_pat
         assert log.scroll_y == log.max_scroll_y > 0  # follows the end
 
 
+# ---------------------------------------------------------------- keys
+async def test_keys_escape_goes_back_and_question_mark_describes_every_key(demo):
+    from qtui.components.keys_screen import KeysScreen
+
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, KeysScreen)
+        groups = dict(app.screen.groups)
+        assert set(groups) >= {"Everywhere", "Runs table", "Experiments tree (left)"}
+        everywhere = dict(groups["Everywhere"])
+        assert "Per-layer heatmap" in everywhere["h"] and "main screen only" in everywhere["q"]
+        assert "reverses" in dict(groups["Runs table"])["s"]
+        await pilot.press("escape")
+        assert not isinstance(app.screen, KeysScreen) and app.is_running
+        await pilot.press("f")  # a filter, then escape clears it
+        assert app.runs_table.filter_status == "queued"
+        await pilot.press("escape")
+        assert app.runs_table.filter_status is None and len(app.runs_table.order) == 7
+        await select_run(pilot, demo["w4"])
+        await pilot.press("h")
+        await wait_for(pilot, lambda: bool(app.screen.query(Heatmap)), what="heatmap")
+        await pilot.press("question_mark")
+        groups = dict(app.screen.groups)
+        assert "n" in dict(groups["Heatmap"]) and "q" not in dict(groups.get("Everywhere", []))
+        await pilot.press("escape", "escape")
+        assert not isinstance(app.screen, (KeysScreen, HeatmapScreen)) and app.is_running
+
+
 # ---------------------------------------------------------------- heatmap, samples, export
 async def test_heatmap_opens_cycles_quantities_and_folds_blocks(demo):
     async with make_app().run_test(size=SIZE) as pilot:
@@ -204,9 +233,11 @@ async def test_heatmap_opens_cycles_quantities_and_folds_blocks(demo):
         assert [label for _, label in heatmap.matrix.runs] == ["fp32", "w8", "w4", "w2"]
         assert len(heatmap.rows) == 22 and heatmap.quantity == "bits"
         assert heatmap.rows[0].fp[0] and heatmap.rows[0].values[2] == 4
-        await pilot.press("q")
+        await pilot.press("q")  # q quits only from the main screen, and does nothing here
+        assert app.is_running and isinstance(app.screen, HeatmapScreen) and heatmap.quantity == "bits"
+        await pilot.press("n")
         assert heatmap.quantity == "weight_err"
-        await pilot.press("q")
+        await pilot.press("n")
         assert heatmap.quantity == "sensitivity"  # no Fisher information in these runs
         await pilot.press("b")
         assert len(heatmap.rows) == 6 and heatmap.rows[2].label == "▸ down_blocks.0"

@@ -38,9 +38,10 @@ class NodeData:
 
 class ExperimentsTree(Tree[NodeData]):
     BINDINGS = [
-        Binding("space", "mark", "Mark"),
-        Binding("l", "app.launch", "Launch"),
-        Binding("enter", "select_cursor", "Filter"),
+        Binding("space", "mark", "Mark", tooltip="Mark the variant (or all variants of the experiment) "
+                "to launch together"),
+        Binding("enter", "select_cursor", "Filter", tooltip="Show only the runs of this experiment "
+                "(on the root: all)"),
     ]
 
     def __init__(self, label: str = "experiments.toml", **kwargs) -> None:

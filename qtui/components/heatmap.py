@@ -1,7 +1,7 @@
 """Per-layer heatmap: layers (rows, model order, with their role) against runs (columns).
 
 A line-API widget, so a model of a few hundred layers scrolls without cost. The layer names
-stay put while the run columns scroll sideways. Keys: `q` next quantity, `b` collapse or
+stay put while the run columns scroll sideways. Keys: `n` next quantity, `b` collapse or
 expand every block, enter collapses or expands the block under the cursor.
 """
 
@@ -42,9 +42,10 @@ class Heatmap(ScrollView, can_focus=True):
         Binding("end", "jump(-1)", "Last", show=False),
         Binding("left", "pan(-1)", "Left", show=False),
         Binding("right", "pan(1)", "Right", show=False),
-        Binding("q", "next_quantity", "Quantity"),
-        Binding("b", "toggle_all", "Fold all"),
-        Binding("enter", "toggle_block", "Fold block"),
+        Binding("n", "next_quantity", "Quantity", tooltip="Next quantity: bits, weight error, Fisher, "
+                "sensitivity, output error (those the runs have)"),
+        Binding("b", "toggle_all", "Fold all", tooltip="Collapse or expand every block"),
+        Binding("enter", "toggle_block", "Fold block", tooltip="Collapse or expand the block under the cursor"),
     ]
 
     quantity: reactive[str] = reactive("bits", init=False)

@@ -69,8 +69,7 @@ def legend(quantity: str, scale: Scale | None, has_fp: bool) -> Text:
 
 class HeatmapScreen(Screen[None]):
     BINDINGS = [
-        Binding("escape", "app.pop_screen", "Back"),
-        Binding("h", "app.pop_screen", "Back", show=False),
+        Binding("escape", "app.pop_screen", "Back", tooltip="Back to the runs"),
     ]
 
     def __init__(self, runs_dir: Path, experiment: str, runs: list[RunRow],

@@ -76,10 +76,10 @@ class RunsTable(ScrollView, can_focus=True):
         Binding("end", "jump(-1)", "Last", show=False),
         Binding("left", "column(-1)", "Column left", show=False),
         Binding("right", "column(1)", "Column right", show=False),
-        Binding("s", "sort", "Sort"),
-        Binding("c", "app.cancel_run", "Cancel"),
-        Binding("r", "app.rerun", "Rerun"),
-        Binding("enter", "app.samples", "Samples", show=False),
+        Binding("s", "sort", "Sort", tooltip="Sort by the column under the header cursor (left/right "
+                "choose it); again reverses. Clicking a header does the same"),
+        Binding("c", "app.cancel_run", "Cancel", tooltip="Cancel the selected queued or running run (press twice)"),
+        Binding("r", "app.rerun", "Rerun", tooltip="Re-run the selected run with its stored config (press twice)"),
     ]
 
     def __init__(self, columns: tuple[Column, ...] = COLUMNS, **kwargs) -> None:

@@ -23,9 +23,8 @@ from qtui.reader import Reader
 
 class SamplesScreen(Screen[None]):
     BINDINGS = [
-        Binding("escape", "app.pop_screen", "Back"),
-        Binding("v", "app.pop_screen", "Back", show=False),
-        Binding("g", "focus_next_image", "Next image"),
+        Binding("escape", "app.pop_screen", "Back", tooltip="Back to the runs"),
+        Binding("g", "focus_next_image", "Next image", tooltip="Scroll to the next picture"),
     ]
 
     def __init__(self, runs_dir: Path, run: RunRow) -> None:
