@@ -58,6 +58,8 @@ class QtuiApp(App[None]):
     BINDINGS = [
         Binding("l", "launch", "Launch", tooltip="Launch dialog: the variants chosen in the tree (or the "
                 "selected run's), with samples, seed, steps and guidance to override"),
+        Binding("i", "details", "Details", tooltip="Everything about the selected run: config, protocol, "
+                "bits, commit, timings, error and log (enter in the table too)"),
         Binding("h", "heatmap", "Heatmap", tooltip="Per-layer heatmap of the selected run's experiment"),
         Binding("v", "samples", "Samples", tooltip="Sample grid of the selected run and its side-by-side grid"),
         Binding("f", "cycle_status", "Status", tooltip="Filter the runs by status (cycles: any, queued, "
@@ -345,6 +347,16 @@ class QtuiApp(App[None]):
             order = list(self.catalogue.experiments[experiment].variants)
         prefer = selected.id if selected is not None and selected.experiment == experiment else None
         self.push_screen(HeatmapScreen(self.runs_dir, experiment, runs, order, prefer))
+
+    def action_details(self) -> None:
+        from qtui.components.details_screen import DetailsScreen
+
+        run = self.runs_table.selected
+        if run is None:
+            self.notify("no run selected", severity="warning")
+            return
+        others = [r for r in self.runs_table.rows.values() if r.experiment == run.experiment]
+        self.push_screen(DetailsScreen(self.runs_dir, run, others))
 
     def action_samples(self) -> None:
         from qtui.components.samples_screen import SamplesScreen

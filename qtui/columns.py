@@ -93,6 +93,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("variant", "Variant", attribute("variant"), as_text, align="left"),
     Column("status", "Status", lambda runs: [STATUS_RANK.get(r.status, 99) for r in runs],
            lambda runs, values: [r.status for r in runs], align="left"),
+    Column("samples", "n", attribute("samples"),
+           lambda runs, values: [MISSING if v is None else str(v) for v in values]),
+    Column("quant", "Quantization", attribute("quant"), as_text, align="left"),
     Column("fid", "FID [95% CI]", metric("fid"), fid_texts, best="min"),
     Column("acc", "Acc %", metric("prompt_acc"), fixed(1, 100.0), best="max"),
     Column("clip", "CLIP", metric("clip_score"), fixed(3), best="max"),
@@ -102,6 +105,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("latency", "ms", metric("latency_ms"), fixed(1), best="min"),
     Column("bits", "Bits", metric("mean_bits"), fixed(2), best="min"),
     Column("mem", "Mem MB", metric("peak_mem_mb"), fixed(0), best="min"),
+    Column("description", "Description", attribute("description"), as_text, align="left"),
+    Column("protocol", "Protocol", attribute("protocol"), as_text, align="left"),
 )
 BY_KEY = {c.key: c for c in COLUMNS}
 

@@ -90,7 +90,7 @@ async def test_startup_shows_experiments_variants_and_all_runs(demo):
         assert table.order[0] == max(table.order)  # newest first
         labels = {str(node.label.plain) for node in tree._node_index.values()}
         assert any(label.startswith("digits-rtn") for label in labels)
-        assert "○ w2 failed" in labels and "○ fp32 done" in labels
+        assert "○ w2 failed W2" in labels and "○ fp32 done FP32" in labels  # status, then bits
         assert "7/7" in str(table.border_title)
 
 
@@ -219,6 +219,57 @@ async def test_keys_escape_goes_back_and_question_mark_describes_every_key(demo)
         assert "n" in dict(groups["Heatmap"]) and "q" not in dict(groups.get("Everywhere", []))
         await pilot.press("escape", "escape")
         assert not isinstance(app.screen, (KeysScreen, HeatmapScreen)) and app.is_running
+
+
+# ---------------------------------------------------------------- run details
+async def test_details_show_what_how_provenance_error_config_and_log(demo, tmp_path):
+    import tomllib
+
+    from qtui.components.details_screen import DetailsScreen
+
+    store = Store.open(tmp_path / "runs")
+    store.db["runs"].update(demo["failed"], {"git_commit": "abc1234", "executor": "slurm",
+                                             "versions": '{"torch": "2.14.1"}'})
+    store.put_metrics(demo["failed"], {"quantize_s": 1.25, "calibration_s": 0.5})
+    store.db.conn.commit()
+    store.close()
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        await select_run(pilot, demo["failed"])
+        await pilot.press("enter")
+        assert isinstance(app.screen, DetailsScreen)
+        await wait_for(pilot, lambda: app.screen.sections, what="details")
+        text = {k: plain(v) for k, v in app.screen.sections.items()}
+        assert "every layer w2" in text["what"] and "W2" in text["what"]
+        for word in ("Samples", "64", "Seed", "Steps", "5", "Guidance", "1.0", "tiny-model"):
+            assert word in text["protocol"], word
+        assert "4 other run(s) of digits-rtn share this protocol; 0 do not" in text["protocol"]
+        assert "abc1234" in text["origin"] and "torch 2.14.1" in text["origin"] and "slurm" in text["origin"]
+        assert "lab-01" in text["origin"]
+        assert "quantize_s" in text["timings"] and "1.25 s" in text["timings"] and "03:20" in text["timings"]
+        assert "RuntimeError: out of memory" in text["error"]
+        config = tomllib.loads(text["config"].split("\n", 2)[2])  # the TOML under its heading
+        assert config["sampling"]["samples"] == 64 and config["params"]["bits"]["conv"] == 2
+        assert "Traceback" in text["log"] and "worker.log" in text["log"]
+        await pilot.press("escape")
+        assert not isinstance(app.screen, DetailsScreen)
+        await select_run(pilot, demo["fp32"])
+        await pilot.press("i")
+        await wait_for(pilot, lambda: isinstance(app.screen, DetailsScreen) and app.screen.sections,
+                       what="details by i")
+        log = plain(app.screen.sections["log"])
+        assert "fid 3.21 [3.05, 3.37]" in log and "[sampling] 64/64" in log
+        what = plain(app.screen.sections["what"])
+        assert "22: conv: 8 × FP · linear: 2 × FP · attention: 12 × FP" in what  # bits per role from the layers
+        assert "error" not in app.screen.sections
+
+
+def plain(renderable) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console.print(renderable)
+    return console.export_text()
 
 
 # ---------------------------------------------------------------- heatmap, samples, export

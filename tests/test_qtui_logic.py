@@ -196,3 +196,55 @@ def test_importing_the_app_pulls_in_nothing_heavy():
     heavy = {"torch", "diffusers", "numpy", "sqlite_utils", "PIL", "scipy", "engine.store", "engine.config"}
     assert not modules & heavy, sorted(modules & heavy)
     assert "textual.app" in modules and "qtui.app" in modules
+
+
+# ---------------------------------------------------------------- configs and protocols
+def test_config_toml_round_trips():
+    import tomllib
+
+    from qtui.toml_text import to_toml
+    from qtui_helpers import config_for
+
+    config = config_for("e", "B", {"conv": 4, "attention": 8}, description='quote " and ü')
+    config["params"]["calibration"] = {"samples": 32, "seed": 1}
+    config["params"]["groups"] = [[1, 2], [3]]
+    config["eval"]["weight"] = float("inf")
+    config["missing"] = None
+    back = tomllib.loads(to_toml(config))
+    del config["missing"]
+    assert back == config
+    assert "# missing is not set" in to_toml({"missing": None})
+
+
+def test_protocol_key_separates_what_changes_numbers():
+    from qtui.protocol import describe_protocol, protocol_key
+    from qtui_helpers import config_for
+
+    a = config_for("e", "A", {"conv": 4}, samples=1000)
+    b = config_for("e", "B", {"conv": 8}, samples=1000, description="other words")
+    b["sampling"]["batch_size"] = 50  # batch size changes no number
+    assert protocol_key(a) == protocol_key(b) != ""
+    for change in ({"samples": 100}, {"seed": 1}, {"steps": 50}, {"guidance": 2.0}):
+        c = config_for("e", "A", {"conv": 4}, samples=1000)
+        c["sampling"].update(change)
+        assert protocol_key(c) != protocol_key(a), change
+    d = config_for("e", "A", {"conv": 4}, samples=1000)
+    d["model"]["id"] = "other-model"
+    assert protocol_key(d) != protocol_key(a)
+    assert protocol_key({}) == "" and protocol_key({"experiment": "e"}) == ""
+    assert describe_protocol(a) == "n=1000 seed 0 · 5 steps · guidance 1.0 · tiny-model / tiny-model"
+
+
+def test_run_info_from_stored_configs():
+    import json
+
+    from qtui.run_info import derive
+    from qtui_helpers import config_for
+
+    text = json.dumps(config_for("e", "B", {"conv": 4, "attention": 8, "linear": 4}, samples=100,
+                                 description="conv W4, attention W8"))
+    description, quant, samples, protocol = derive(text)
+    assert (description, quant, samples) == ("conv W4, attention W8", "conv W4, attention W8, linear W4", 100)
+    assert len(protocol) == 8
+    assert derive(None) == ("", "", None, "") and derive("not json")[:3] == ("", "", None)
+    assert derive(json.dumps({"method": "nonexistent"}))[1] == "nonexistent"

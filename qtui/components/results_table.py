@@ -80,6 +80,7 @@ class RunsTable(ScrollView, can_focus=True):
                 "choose it); again reverses. Clicking a header does the same"),
         Binding("c", "app.cancel_run", "Cancel", tooltip="Cancel the selected queued or running run (press twice)"),
         Binding("r", "app.rerun", "Rerun", tooltip="Re-run the selected run with its stored config (press twice)"),
+        Binding("enter", "app.details", "Details", show=False, tooltip="Details of the selected run"),
     ]
 
     def __init__(self, columns: tuple[Column, ...] = COLUMNS, **kwargs) -> None:
