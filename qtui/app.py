@@ -22,7 +22,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.worker import Worker, WorkerState
 
-from qtui.columns import BY_KEY
+from qtui.columns import DEFAULT_LAYOUT, columns_for, metric_names
 from qtui.components.error_modal import ErrorModal
 from qtui.components.experiments_tree import ExperimentsTree
 from qtui.components.key_footer import KeyFooter
@@ -64,6 +64,8 @@ class QtuiApp(App[None]):
         Binding("v", "samples", "Samples", tooltip="Sample grid of the selected run and its side-by-side grid"),
         Binding("f", "cycle_status", "Status", tooltip="Filter the runs by status (cycles: any, queued, "
                 "running, done, failed, cancelled, lost)"),
+        Binding("o", "columns", "Columns", tooltip="Choose, hide and reorder the table's columns (any "
+                "stored metric can be one); kept in RUNS_DIR/qtui-settings.json"),
         Binding("e", "export", "Export", tooltip="Export the table as shown to CSV, Markdown, LaTeX or JSON"),
         Binding("R", "rerun_failed", "Rerun failed", tooltip="Re-run the failed runs of the experiment "
                 "(press twice)"),
@@ -96,8 +98,15 @@ class QtuiApp(App[None]):
         self.loaded = False  # a complete view of the database (runs and metrics) is applied
         self.db_error: str | None = None
         self._confirm: tuple[str, object, float] | None = None
+        from qtui.settings import load_settings
+
+        self.settings, self.settings_problem = load_settings(self.runs_dir)
+        layout = self.settings.get("columns")
+        self.layout = layout if isinstance(layout, list) else list(DEFAULT_LAYOUT)
+        self._columns = columns_for(self.layout)  # the table's, for the poller to format cells
         # The poller starts reading now, while Textual starts up; it posts once attached.
-        self.poller = PollerThread(self.runs_dir, interval=poll_interval, prepare=prepare_cells)
+        self.poller = PollerThread(self.runs_dir, interval=poll_interval,
+                                   prepare=lambda runs: prepare_cells(runs, self._columns))
         self.poller.start()
         self.launcher: Launcher | None = None
         self.tailer: LogTailer | None = None
@@ -107,7 +116,7 @@ class QtuiApp(App[None]):
         with Horizontal(id="main"):
             yield ExperimentsTree(self.experiments_path.name, id="tree")
             with Vertical(id="right"):
-                yield RunsTable(id="runs")
+                yield RunsTable(self.layout, id="runs")
                 yield ProgressPanel(id="progress")
                 yield LogPane(id="log")
         yield KeyFooter(compact=True, show_command_palette=False)
@@ -119,6 +128,9 @@ class QtuiApp(App[None]):
         self.log_pane = self.query_one(LogPane)
         self.experiments_tree.border_title = "Experiments"
         self.runs_table.focus()
+        self._columns = self.runs_table.columns
+        if self.settings_problem:
+            self.notify(self.settings_problem, severity="warning", timeout=8)
         self._retitle()
         self.progress_panel.show({}, {}, 0)
         self.load_catalogue()
@@ -249,7 +261,10 @@ class QtuiApp(App[None]):
         status = table.filter_status or "any status"
         table.border_title = Text(f"Runs · {experiment} · {status} · {len(table.order)}/{len(table.rows)}")
         arrow = "▼" if table.descending else "▲"
-        note = f"sort {BY_KEY[table.sort_key].label} {arrow} · best in bold"
+        label = next((c.label for c in table.columns if c.key == table.sort_key), table.sort_key)
+        note = f"sort {label} {arrow} · best in bold per experiment and protocol"
+        if table.odd:
+            note = f"{len(table.odd)} with another protocol (italic n) · " + note
         floor = self._fid_floor(table.filter_experiment)
         if floor is not None:
             note = f"FID floor {floor:.2f} · " + note
@@ -366,6 +381,27 @@ class QtuiApp(App[None]):
             self.notify("no run selected", severity="warning")
             return
         self.push_screen(SamplesScreen(self.runs_dir, run))
+
+    def action_columns(self) -> None:
+        from qtui.components.columns_screen import ColumnsScreen
+
+        metrics = metric_names(self.runs_table.rows.values())
+        self.push_screen(ColumnsScreen(self.runs_table.column_layout, metrics), self._columns_chosen)
+
+    def _columns_chosen(self, layout: list[str] | None) -> None:
+        if layout is None:
+            return
+        from qtui.settings import save_settings
+
+        self.runs_table.set_layout(layout)
+        self._columns = self.runs_table.columns
+        self._retitle()
+        try:
+            path = save_settings(self.runs_dir, {"columns": self.runs_table.column_layout})
+        except (OSError, ValueError) as exc:
+            self.notify(f"columns not saved: {exc}", severity="error", timeout=8)
+            return
+        self.notify(f"columns saved in {path}")
 
     def action_export(self) -> None:
         from qtui.components.export_screen import ExportScreen

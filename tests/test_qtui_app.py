@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import os
 import time
 
@@ -16,7 +17,7 @@ import pytest
 from engine.executor import pid_alive
 from engine.store import Store
 from qtui.app import QtuiApp
-from qtui.columns import COLUMNS, sort_rows
+from qtui.columns import DEFAULT_LAYOUT, sort_rows
 from qtui.components.error_modal import ErrorModal
 from qtui.components.export_screen import ExportScreen
 from qtui.components.heatmap import Heatmap
@@ -100,7 +101,7 @@ async def test_sort_by_every_column_both_ways_from_the_keyboard(demo):
         table = app.runs_table
         rows = list(table.rows.values())
         columns = [table.columns[i] for i in table.shown]
-        assert [c.key for c in columns] == [c.key for c in COLUMNS]  # all shown: some runs have CLIP
+        assert [c.key for c in columns] == list(DEFAULT_LAYOUT)  # all shown: some runs have CLIP
         for _ in columns:
             await pilot.press("left")
         for index, column in enumerate(columns):
@@ -145,14 +146,14 @@ async def test_filter_by_experiment_and_status_and_best_marks(demo):
         assert table.column_index("experiment") is None  # one experiment: its column hides
         tree.move_cursor(tree.root)
         await pilot.press("enter")
-        assert len(table.order) == 7 and table.column_index("experiment") == 1
+        assert len(table.order) == 7 and table.column_index("experiment") == 2  # after the frozen id, variant
         tree.move_to("digits-mixed", "attn8-conv4")
         await pilot.pause()
         await pilot.click(tree, offset=(12, tree.cursor_line + 1))  # a click filters too
         assert {table.rows[i].experiment for i in table.order} == {"digits-mixed"}
         tree.move_cursor(tree.root)
         await pilot.press("enter")
-        assert table.best["fid"] == 3.21 and table.best["acc"] == 0.91
+        assert set(table.best["fid"].values()) == {3.21} and set(table.best["acc"].values()) == {0.91}
         await pilot.press("f")  # queued
         assert table.filter_status == "queued" and table.order == []
         for _ in range(2):
@@ -188,8 +189,7 @@ async def test_log_pane_streams_the_selected_runs_output_coalesced(demo, tmp_pat
         with open(path, "a") as handle:
             handle.writelines(f"line {i}\n" for i in range(100))
         await wait_for(pilot, lambda: log.lines[-1] == "line 99", what="many lines")
-        await pilot.pause()
-        assert log.scroll_y == log.max_scroll_y > 0  # follows the end
+        await wait_for(pilot, lambda: log.scroll_y == log.max_scroll_y > 0, what="the end")  # follows it
 
 
 # ---------------------------------------------------------------- keys
@@ -219,6 +219,98 @@ async def test_keys_escape_goes_back_and_question_mark_describes_every_key(demo)
         assert "n" in dict(groups["Heatmap"]) and "q" not in dict(groups.get("Everywhere", []))
         await pilot.press("escape", "escape")
         assert not isinstance(app.screen, (KeysScreen, HeatmapScreen)) and app.is_running
+
+
+# ---------------------------------------------------------------- columns
+def line_text(widget, y: int) -> str:
+    return "".join(segment.text for segment in widget.render_line(y))
+
+
+async def test_columns_choose_hide_reorder_and_keep_between_sessions(demo, tmp_path):
+    from qtui.components.columns_screen import ColumnsScreen
+    from qtui.settings import settings_path
+
+    store = Store.open(tmp_path / "runs")
+    store.put_metrics(demo["w4"], {"quantize_s": 12.5, "fisher_spearman": 0.75})
+    store.close()
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        table = app.runs_table
+        await pilot.press("o")
+        screen = app.screen
+        assert isinstance(screen, ColumnsScreen)
+        assert "m:quantize_s" in screen.hidden and "m:fisher_spearman" in screen.hidden
+        assert "m:fid" not in screen.hidden  # metrics that a built-in column shows are not repeated
+        options = screen.query_one("OptionList")
+        options.highlighted = screen.order.index("quant")
+        await pilot.press("space")  # hide the quantization column
+        options.highlighted = screen.order.index("fid")
+        await pilot.press("left_square_bracket", "left_square_bracket")  # FID two places left
+        options.highlighted = screen.order.index("m:quantize_s")
+        await pilot.press("space")  # show a stored metric
+        options.highlighted = screen.order.index("id")
+        await pilot.press("space", "right_square_bracket")  # id stays: frozen columns do not move
+        await pilot.press("enter")
+        assert not isinstance(app.screen, ColumnsScreen)
+        keys = [table.columns[i].key for i in table.shown]
+        assert keys[:2] == ["id", "variant"] and "quant" not in keys and keys[-1] == "m:quantize_s"
+        assert keys[2:5] == ["experiment", "fid", "status"]  # two places left: before status and n
+        assert table.rows[demo["w4"]].metric("quantize_s") == 12.5
+        position = table.column_index("m:quantize_s")
+        assert table._texts[demo["w4"]][table.shown[position]] == "12.5"
+        saved = json.loads(settings_path(tmp_path / "runs").read_text())["columns"]
+        assert saved == keys
+        await pilot.press("o")
+        await pilot.press("escape")  # cancel changes nothing
+        assert [table.columns[i].key for i in table.shown] == keys
+
+    async with make_app().run_test(size=SIZE) as pilot:  # the next session keeps them
+        app = await started(pilot)
+        assert [app.runs_table.columns[i].key for i in app.runs_table.shown] == keys
+        assert app.runs_table.rows[demo["w4"]].metric("quantize_s") == 12.5
+
+
+async def test_id_and_variant_stay_while_scrolling_and_widths_follow_the_shown_rows(demo):
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        table = app.runs_table
+        await select_run(pilot, demo["w4"])
+        header = line_text(table, 0)
+        assert header.split()[:3] == ["ID", "▼", "Variant"]  # newest first
+        for _ in range(len(table.shown)):
+            await pilot.press("right")
+        await pilot.pause()
+        assert table.scroll_x > 0  # the last column is reached by scrolling
+        header = line_text(table, 0)
+        assert header.split()[:3] == ["ID", "▼", "Variant"] and "Mem MB" in header
+        row = line_text(table, 1 + table.cursor_row - int(table.scroll_y))
+        assert row.split()[:2] == [str(demo["w4"]), "w4"]
+        quant = table.shown[table.column_index("quant")]
+        wide = table._widths[quant]
+        app.runs_table.set_filter(experiment="digits-rtn")
+        assert table._widths[quant] == max(len("Quantization") + 2, 4)  # W8, W4, FP32: the header
+        app.runs_table.set_filter(experiment="digits-mixed")
+        assert table._widths[quant] == len("attention W8, conv W4, linear W8") == wide
+
+
+async def test_best_marks_only_within_one_experiment_and_protocol(demo, tmp_path):
+    from qtui_helpers import config_for, metrics_for
+
+    store = Store.open(tmp_path / "runs")
+    few = add_run(store, "digits-rtn", "w4", metrics=metrics_for(2.5, 0.95, 4.0, 600_000, 4.8),
+                  config=config_for("digits-rtn", "w4", {"conv": 4, "attention": 4, "linear": 4}, samples=16))
+    store.close()
+    async with make_app().run_test(size=(160, 40)) as pilot:
+        app = await started(pilot)
+        table = app.runs_table
+        app.runs_table.set_filter(experiment="digits-rtn")
+        main = table.rows[demo["w4"]].protocol
+        assert table.rows[few].protocol != main and table.rows[few].samples == 16
+        assert table.best["fid"] == {("digits-rtn", main): 3.21}  # the 16-sample run is not ranked
+        assert table.odd == {few}
+        assert "another protocol" in str(table.border_subtitle)
+        row = line_text(table, 1 + table.order.index(few))
+        assert " 16 " in row
 
 
 # ---------------------------------------------------------------- run details
