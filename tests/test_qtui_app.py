@@ -382,7 +382,7 @@ async def test_heatmap_opens_cycles_quantities_and_folds_blocks(demo):
         assert heatmap.quantity == "weight_err"
         await pilot.press("n")
         assert heatmap.quantity == "sensitivity"  # no Fisher information in these runs
-        await pilot.press("b")
+        await pilot.press("B")
         assert len(heatmap.rows) == 6 and heatmap.rows[2].label == "▸ down_blocks.0"
         await pilot.press("down", "down", "enter")  # unfold the block under the cursor
         assert len(heatmap.rows) == 11
@@ -390,6 +390,59 @@ async def test_heatmap_opens_cycles_quantities_and_folds_blocks(demo):
         assert "sensitivity" in legend
         await pilot.press("escape")
         assert not isinstance(app.screen, HeatmapScreen)
+
+
+async def test_heatmap_runs_chosen_sorted_and_a_layers_details(demo, tmp_path):
+    from qtui.components.layer_screen import LayerScreen
+    from qtui.components.runs_picker import RunsPicker
+    from qtui_helpers import fake_layers
+
+    layers = fake_layers({"conv": 4, "attention": 4, "linear": 4}, seed=3)
+    layers[0].update(bits=None, weight_err=None, extra=json.dumps({"reason": "embedder: kept in full precision"}))
+    layers[2].update(fisher=2.5e-7, extra=json.dumps({"fisher_err": {"4": 1.5e-6, "8": 6.1e-9}, "score": 0.25}))
+    store = Store.open(tmp_path / "runs")
+    again = add_run(store, "digits-rtn", "w4", layers=layers)
+    store.close()
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        await select_run(pilot, demo["w4"])
+        await pilot.press("h")
+        await wait_for(pilot, lambda: bool(app.screen.query(Heatmap)), what="heatmap")
+        assert [label for _, label in app.screen.query_one(Heatmap).matrix.runs] == ["fp32", "w8", "w4", "w2"]
+        await pilot.press("c")
+        assert isinstance(app.screen, RunsPicker)
+        await pilot.press("a", "enter")
+        await wait_for(pilot, lambda: app.screen.query(Heatmap)
+                       and len(app.screen.query_one(Heatmap).matrix.runs) == 5, what="five columns")
+        heatmap = app.screen.query_one(Heatmap)
+        labels = [label for _, label in heatmap.matrix.runs]
+        assert labels == ["fp32", "w8", f"w4 #{demo['w4']}", "w2", f"w4 #{again}"]  # full names fit at 80
+        assert heatmap.labels == labels and heatmap.abbreviations == []
+        await pilot.press("n")  # weight error
+        for _ in range(4):
+            await pilot.press("right")
+        assert heatmap.column == 4
+        await pilot.press("s")  # largest first in the new w4 run
+        values = [row.values[4] for row in heatmap.rows]
+        present = [v for v in values if v is not None]
+        assert present == sorted(present, reverse=True) and values[-1] is None and values[0] == max(present)
+        legend = str(app.screen.query_one("#heatmap-legend").render())
+        assert f"by w4 #{again}, largest first" in legend
+        await pilot.press("s", "s")
+        assert [row.label for row in heatmap.rows][:2] == ["conv_in", "time_embedding.linear_1"]  # model order
+        heatmap.move_cursor(0)
+        await pilot.press("enter")
+        assert isinstance(app.screen, LayerScreen)
+        text = plain(app.screen.content())
+        assert "conv_in" in text and "1,000 parameters" in text and "embedder: kept in full precision" in text
+        assert "FP: full-precision variant" in text  # the fp32 run's column
+        await pilot.press("escape")
+        heatmap.move_cursor(2)
+        await pilot.press("enter")
+        text = plain(app.screen.content())
+        assert "fisher_err: 4: 1.5e-6  8: 6.1e-9" in text and "score: 0.25" in text and "2.5e-7" in text
+        await pilot.press("escape", "escape")
+        assert not isinstance(app.screen, (LayerScreen, HeatmapScreen))
 
 
 async def test_sample_view_draws_pngs_and_explains_missing_ones(demo, tmp_path):

@@ -147,7 +147,10 @@ def test_matrix_aligns_layers_by_name_and_collapses_blocks():
     assert scale.index(0.0) == 0 and scale.index(0.2) == 7
     assert cell_text(4.0, "bits", False, False) == "4"
     assert cell_text(None, "bits", True, False) == "FP"
-    assert cell_text(1.2e-5, "weight_err", False, False) == "1.2e-05"
+    assert cell_text(1.2e-5, "weight_err", False, False) == "1.2e-5"  # the exponent stays readable
+    for value in (1.23456e-5, -9.87e-12, 3.3e150, -4.4e-150, 12345.6, 0.000999, 0.5, 1e-3):
+        text = cell_text(value, "fisher", False, False)
+        assert len(text) <= 7 and float(text) == pytest.approx(value, rel=0.06), (value, text)
 
 
 def test_scale_goes_logarithmic_over_wide_ranges():
@@ -248,3 +251,22 @@ def test_run_info_from_stored_configs():
     assert len(protocol) == 8
     assert derive(None) == ("", "", None, "") and derive("not json")[:3] == ("", "", None)
     assert derive(json.dumps({"method": "nonexistent"}))[1] == "nonexistent"
+
+
+def test_heatmap_column_names_fit_or_are_numbered_with_a_legend():
+    from qtui.heatmap_data import column_labels, sort_lines
+
+    names = ["fp", "gptq-w4a8", "gptq-w4a8-act-order"]
+    labels, widths, legend = column_labels(names, 80)
+    assert labels == names and widths == [7, 9, 19] and legend == []
+    labels, widths, legend = column_labels(names, 30)
+    assert labels == ["1", "2", "3"] and widths == [7, 7, 7] and legend == list(zip(labels, names))
+    m = build_matrix({1: [{"name": "a", "role": "conv", "params": 1, "bits": 4, "weight_err": 0.3},
+                          {"name": "b", "role": "conv", "params": 1, "bits": None, "weight_err": None},
+                          {"name": "c", "role": "conv", "params": 1, "bits": 8, "weight_err": 0.01}]},
+                     {1: "A"})
+    rows = lines(m, "weight_err", set())
+    assert [r.label for r in sort_lines(rows, 0, True)] == ["a", "c", "b"]  # missing last
+    assert [r.label for r in sort_lines(rows, 0, False)] == ["c", "a", "b"]
+    bits = lines(m, "bits", set())
+    assert [r.label for r in sort_lines(bits, 0, True)] == ["c", "a", "b"]  # FP last, not as 32
