@@ -41,11 +41,16 @@ def package_versions() -> dict:
     return out
 
 
-def create_runs(store: Store, experiment: Experiment, variants: list[str], samples: int | None) -> list[int]:
+def create_runs(store: Store, experiment: Experiment, variants: list[str], samples: int | None,
+                sampling: dict | None = None) -> list[int]:
+    """Queued runs of these variants; `sampling` overrides keys of each config's sampling
+    table (qtui's launch dialog: samples, seed, steps, guidance)."""
     commit, versions = git_commit(), package_versions()
     ids = []
     for variant in variants:
         config = experiment.run_config(variant, samples)
+        if sampling:
+            config["sampling"].update(sampling)
         ids.append(store.create_run(experiment.name, variant, config, config_hash(config), commit, versions))
     return ids
 

@@ -306,16 +306,32 @@ class QtuiApp(App[None]):
         self.exit()
 
     def action_launch(self) -> None:
+        """The launch dialog for the variants chosen in the tree or, from the table, for the
+        selected run's experiment and variant."""
+        from qtui.components.launch_screen import LaunchScreen
+
         experiment, variants = self.experiments_tree.chosen()
+        run = self.runs_table.selected
+        if not self.experiments_tree.has_focus and run is not None and self.catalogue is not None \
+                and run.experiment in self.catalogue.experiments:
+            experiment = run.experiment
+            known = self.catalogue.experiments[experiment].variants
+            variants = [run.variant] if run.variant in known else list(known)
         if self.catalogue is None:
             self.notify("experiments.toml is not loaded: fix it and press ctrl+r", severity="error")
         elif experiment is None:
             self.notify("move the tree cursor to an experiment or variant to launch", severity="warning")
-        elif not variants:
+        elif experiment not in self.catalogue.experiments:
             self.notify(f"{experiment} is not in {self.experiments_path.name}: nothing to launch", severity="warning")
         else:
-            self.launcher.launch(self.catalogue.experiments[experiment], variants)
-            self.experiments_tree.clear_marks(experiment)
+            self.push_screen(LaunchScreen(self.catalogue.experiments[experiment], variants), self._launch_chosen)
+
+    def _launch_chosen(self, request) -> None:
+        if request is None or self.catalogue is None or request.experiment not in self.catalogue.experiments:
+            return
+        self.launcher.launch(self.catalogue.experiments[request.experiment], request.variants,
+                             request.overrides, request.executor)
+        self.experiments_tree.clear_marks(request.experiment)
 
     def action_cancel_run(self) -> None:
         run = self.runs_table.selected
@@ -332,7 +348,8 @@ class QtuiApp(App[None]):
             return
         if run.status == "running":
             self.notify(f"run #{run.id} is running; cancel it first", severity="warning")
-        else:
+        elif self._confirmed("rerun", run.id, f"press r again to re-run run #{run.id} "
+                             f"({run.experiment}/{run.variant}) with its stored config"):
             self.launcher.rerun(run.id)
 
     def action_rerun_failed(self) -> None:

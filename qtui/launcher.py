@@ -46,9 +46,12 @@ class Launcher(threading.Thread):
         self.store = None
 
     # ---------------------------------------------------------------- called from the UI
-    def launch(self, experiment, variants: list[str]) -> None:
-        """Queue one run per variant of an `engine.config.Experiment`."""
-        self.commands.put(("launch", experiment, list(variants)))
+    def launch(self, experiment, variants: list[str], overrides: dict | None = None,
+               executor: str = "local") -> None:
+        """Queue one run per variant of an `engine.config.Experiment`, with the sampling keys
+        of `overrides` replacing the experiment's. Only the local executor exists so far
+        (the scale-out work passes its choice on from here)."""
+        self.commands.put(("launch", experiment, list(variants), dict(overrides or {}), executor))
 
     def rerun(self, run_id: int) -> None:
         self.commands.put(("rerun", run_id))
@@ -120,14 +123,17 @@ class Launcher(threading.Thread):
             self.notify(f"the run queue failed: {exc}", True)
 
     # ---------------------------------------------------------------- commands
-    def _launch(self, experiment, variants: list[str]) -> None:
+    def _launch(self, experiment, variants: list[str], overrides: dict, executor: str = "local") -> None:
         from engine.runner import create_runs  # the same rows `engine run` creates
 
-        ids = create_runs(self.store, experiment, variants, None)
+        if executor != "local":
+            raise ValueError(f"executor {executor!r} is not available")
+        ids = create_runs(self.store, experiment, variants, None, overrides or None)
         for run_id in ids:
             self.queue.submit(run_id)
         self.queue.poll()
-        self.notify(f"queued {describe(ids)} of {experiment.name}: {', '.join(variants)}", False)
+        settings = "".join(f", {k} {v}" for k, v in overrides.items())
+        self.notify(f"queued {describe(ids)} of {experiment.name}: {', '.join(variants)}{settings}", False)
 
     def _rerun(self, run_id: int) -> None:
         from engine.executor import display_status

@@ -567,7 +567,7 @@ async def test_launch_shows_progress_until_done(demo, monkeypatch):
         app = await started(pilot)
         app.experiments_tree.focus()
         app.experiments_tree.move_to("digits-rtn", "w4")
-        await pilot.press("l")
+        await pilot.press("l", "ctrl+s")  # the launch dialog, confirmed
         await wait_for(pilot, lambda: len(app.runs_table.rows) == 8, what="queued run")
         run_id = max(app.runs_table.rows)
         seen = []
@@ -583,6 +583,58 @@ async def test_launch_shows_progress_until_done(demo, monkeypatch):
         assert "○ w4 done" in str(app.experiments_tree._node_index[("digits-rtn", "w4")].label.plain)
 
 
+async def test_launch_dialog_overrides_previews_and_confirms(demo, monkeypatch, tmp_path):
+    from textual.widgets import Input, SelectionList
+
+    from qtui.components.launch_screen import LaunchScreen
+
+    use_fake_worker(monkeypatch, "done", steps=3, delay=0.01)
+    async with make_app().run_test(size=(120, 40)) as pilot:
+        app = await started(pilot)
+        await select_run(pilot, demo["w4"])
+        await pilot.press("l")  # from the table: the selected run's experiment and variant
+        screen = app.screen
+        assert isinstance(screen, LaunchScreen)
+        assert screen.query_one(SelectionList).selected == ["w4"]
+        preview = lambda: str(screen.query_one("#launch-preview").render())  # noqa: E731
+        assert "1 run of digits-rtn: w4" in preview() and "samples 64 " in preview()
+        assert "The experiment's protocol" in preview()
+        screen.query_one(SelectionList).select("w8")
+        screen.query_one("#launch-samples", Input).value = "abc"
+        await pilot.pause()
+        assert "Samples: 'abc' is not an integer" in preview() and screen.query_one("#launch-go").disabled
+        await pilot.press("ctrl+s")  # refused while an input is wrong
+        assert isinstance(app.screen, LaunchScreen)
+        screen.query_one("#launch-samples", Input).value = "16"
+        screen.query_one("#launch-seed", Input).value = "3"
+        screen.query_one("#launch-guidance", Input).value = "2.5"
+        await pilot.pause()
+        text = preview()
+        assert "2 runs of digits-rtn: w8, w4" in text and "samples 16 (instead of 64)" in text
+        assert "seed 3 (instead of 0)" in text and "guidance 2.5 (instead of 1.0)" in text
+        assert "executor local" in text and "ranked apart" in text
+        await pilot.press("ctrl+s")
+        assert not isinstance(app.screen, LaunchScreen)
+        await wait_for(pilot, lambda: len(app.runs_table.rows) == 9, what="two runs")
+        new = sorted(app.runs_table.rows)[-2:]
+        await wait_for(pilot, lambda: all(app.runs_table.rows[i].status == "done" for i in new), what="done")
+    store = Store.open(tmp_path / "runs")
+    for run_id, variant in zip(new, ("w8", "w4")):
+        config = json.loads(store.get_run(run_id)["config"])
+        assert config["variant"] == variant
+        assert config["sampling"] == {"samples": 16, "steps": 5, "guidance": 2.5, "seed": 3, "batch_size": 250}
+    store.close()
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        assert app.runs_table.rows[new[0]].samples == 16 and new[0] in app.runs_table.odd
+        app.experiments_tree.focus()
+        app.experiments_tree.move_to("digits-rtn")
+        await pilot.press("l")  # from the tree: every variant of the experiment
+        assert app.screen.query_one(SelectionList).selected == ["fp32", "w8", "w4", "w2"]
+        await pilot.press("escape")
+        assert not isinstance(app.screen, LaunchScreen) and len(app.runs_table.rows) == 9
+
+
 async def test_marked_variants_queue_behind_the_concurrency_limit(demo, monkeypatch):
     use_fake_worker(monkeypatch, "done", steps=20, delay=0.05)
     async with make_app(max_parallel=1).run_test(size=SIZE) as pilot:
@@ -593,7 +645,7 @@ async def test_marked_variants_queue_behind_the_concurrency_limit(demo, monkeypa
         await pilot.press("space")  # marks w8, moves to w4
         await pilot.press("space")  # marks w4
         assert tree.chosen() == ("digits-rtn", ["w8", "w4"])
-        await pilot.press("l")
+        await pilot.press("l", "ctrl+s")  # the launch dialog, confirmed
         await wait_for(pilot, lambda: len(app.runs_table.rows) == 9, what="two new runs")
         new = sorted(app.runs_table.rows)[-2:]
         states = set()
@@ -615,7 +667,7 @@ async def test_cancel_a_running_run(demo, monkeypatch):
         app = await started(pilot)
         app.experiments_tree.focus()
         app.experiments_tree.move_to("digits-rtn", "w2")
-        await pilot.press("l")
+        await pilot.press("l", "ctrl+s")  # the launch dialog, confirmed
         await wait_for(pilot, lambda: len(app.runs_table.rows) == 8
                        and app.runs_table.rows[max(app.runs_table.rows)].status == "running", what="running")
         run_id = max(app.runs_table.rows)
@@ -634,6 +686,9 @@ async def test_rerun_a_failed_run_and_the_failed_runs_of_an_experiment(demo, mon
     async with make_app().run_test(size=SIZE) as pilot:
         app = await started(pilot)
         await select_run(pilot, demo["mixed-b"])  # cancelled
+        await pilot.press("r")  # asks first
+        await pilot.pause(0.3)
+        assert len(app.runs_table.rows) == 7 and any("press r again" in n.message for n in app._notifications)
         await pilot.press("r")
         await wait_for(pilot, lambda: len(app.runs_table.rows) == 8, what="re-run")
         copy = max(app.runs_table.rows)
@@ -659,7 +714,7 @@ async def test_quitting_leaves_runs_running_and_a_restart_reattaches(demo, monke
         tree = app.experiments_tree
         tree.focus()
         tree.move_to("digits-rtn", "w8")
-        await pilot.press("space", "space", "l")  # w8 runs, w4 waits behind it
+        await pilot.press("space", "space", "l", "ctrl+s")  # w8 runs, w4 waits behind it
         await wait_for(pilot, lambda: len(app.runs_table.rows) == 9
                        and app.runs_table.rows[max(app.runs_table.rows) - 1].status == "running", what="running")
         running, waiting = max(app.runs_table.rows) - 1, max(app.runs_table.rows)
@@ -696,7 +751,7 @@ def test_launch_a_real_tiny_experiment(request, tmp_path, monkeypatch):
             await wait_for(pilot, lambda: app.catalogue is not None, what="catalogue")
             app.experiments_tree.focus()
             app.experiments_tree.move_to("tiny", "A")
-            await pilot.press("l")
+            await pilot.press("l", "ctrl+s")  # the launch dialog, confirmed
             await wait_for(pilot, lambda: len(app.runs_table.rows) == 1, what="run")
             run_id = next(iter(app.runs_table.rows))
             stages = set()
