@@ -397,7 +397,8 @@ class QtuiApp(App[None]):
         if run is None:
             self.notify("no run selected", severity="warning")
             return
-        self.push_screen(SamplesScreen(self.runs_dir, run))
+        others = [r for r in self.runs_table.rows.values() if r.experiment == run.experiment]
+        self.push_screen(SamplesScreen(self.runs_dir, run, others))
 
     def action_columns(self) -> None:
         from qtui.components.columns_screen import ColumnsScreen

@@ -222,10 +222,13 @@ class Reader:
     def artifacts(self, run_id: int) -> list[dict]:
         return [dict(r) for r in self.query("select * from artifacts where run_id = ? order by id", [run_id])]
 
-    def comparison(self, experiment: str) -> dict | None:
+    def comparison(self, experiment: str, run_id: int | None = None) -> dict | None:
+        """The side-by-side grid that this run's completion drew (it holds the run), else the
+        experiment's latest."""
         rows = self.query(
             "select a.* from artifacts a join runs r on r.id = a.run_id "
-            "where r.experiment = ? and a.kind = 'comparison' order by a.id desc limit 1",
-            [experiment],
+            "where r.experiment = ? and a.kind = 'comparison' "
+            "order by (a.run_id = ?) desc, a.id desc limit 1",
+            [experiment, run_id if run_id is not None else -1],
         )
         return dict(rows[0]) if rows else None

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -471,6 +472,36 @@ async def test_sample_view_draws_pngs_and_explains_missing_ones(demo, tmp_path):
         await wait_for(pilot, lambda: app.screen.query(SampleView) and app.screen.query(SampleView)[0].problem,
                        what="missing-file message")
         assert "file not found" in app.screen.query(SampleView)[0].problem
+
+
+async def test_side_by_side_grid_of_chosen_runs(demo, tmp_path):
+    import numpy as np
+
+    from engine.grids import save_samples
+    from qtui.components.runs_picker import RunsPicker
+
+    for n, key in enumerate(("w8", "w4")):
+        folder = tmp_path / "runs" / f"run-{demo[key]:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_samples(folder / "samples.safetensors", np.full((10, 16, 16), 60 * n, dtype=np.uint8), list(range(10)))
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        await select_run(pilot, demo["w4"])
+        await pilot.press("v")
+        await wait_for(pilot, lambda: len(app.screen.query(SampleView)) == 2, what="views")
+        await pilot.press("c")
+        assert isinstance(app.screen, RunsPicker)
+        from textual.widgets import SelectionList
+
+        picker = app.screen.query_one(SelectionList)
+        assert picker.selected == [demo["w4"]]
+        picker.select(demo["w8"])
+        await pilot.press("enter")
+        expected = tmp_path / "runs" / "comparisons" / f"digits-rtn-runs-{demo['w8']}-{demo['w4']}.png"
+        await wait_for(pilot, lambda: app.screen.query("#comparison-view")
+                       and Path(app.screen.query_one("#comparison-view").path).resolve() == expected.resolve()
+                       and app.screen.query_one("#comparison-view").image is not None, what="the new grid")
+        assert expected.exists()
 
 
 async def test_export_what_is_on_screen(demo, tmp_path):
