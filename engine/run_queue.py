@@ -2,8 +2,9 @@
 
 Runs are created in the store as `queued`; `submit` adds them here, `poll` starts the next
 ones while fewer than `max_parallel` are alive and reaps the finished ones. A worker that
-exits without recording an outcome (killed, crashed hard) is marked failed here, with the
-tail of its log as the error. Torch-free.
+exits without recording an outcome (killed, crashed hard) is marked failed here, with a plain
+reason (`engine.exit_reason.describe_exit`: the signal, the stage it was in, the last error
+its log states). Torch-free.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.executor import LocalExecutor, RunHandle, cancel_run
+from engine.exit_reason import describe_exit
 from engine.store import Store
 
 
-def log_tail(path, lines: int = 5) -> str:
+def log_tail(path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
+    """The last lines of a log, as text."""
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            text = handle.read().decode(errors="replace")
     except OSError:
         return ""
-    return " | ".join(text[-lines:])
+    return "\n".join(text.splitlines()[-lines:])
 
 
 @dataclass
@@ -44,11 +51,7 @@ class RunQueue:
                 continue
             del self.active[run_id]
             finished.append(run_id)
-            if code != 0:
-                error = f"worker exited with code {code}: {log_tail(handle.log_path)}"
-            else:
-                error = "worker exited without recording a result"
-            self.store.finish_if_unfinished(run_id, "failed", error)
+            self.store.finish_if_unfinished(run_id, "failed", describe_exit(code, log_tail(handle.log_path)))
         while self.waiting and len(self.active) < self.max_parallel:
             run_id = self.waiting.popleft()
             if self.store.get_run(run_id)["status"] != "queued":

@@ -143,6 +143,7 @@ class QtuiApp(App[None]):
             executor=self.executor,
             on_change=lambda: self.poller.poke(),
         )
+        self.poller.owned = self.launcher.owns
         for thread in (self.tailer, self.launcher):
             thread.start()
 

@@ -66,6 +66,11 @@ class Launcher(threading.Thread):
         self._stopping.set()
         self.commands.put(("wake",))
 
+    def owns(self, run_id: int) -> bool:
+        """Whether this launcher started the run's worker and still watches it."""
+        queue = self.queue
+        return queue is not None and run_id in queue.active
+
     def waiting_count(self) -> int:
         """Runs submitted here that have not started (read from the UI: a snapshot count)."""
         return 0 if self.queue is None else len(self.queue.waiting)

@@ -712,6 +712,33 @@ async def test_cancel_a_running_run(demo, monkeypatch):
         assert not pid_alive(pid)
 
 
+async def test_a_killed_worker_gets_one_status_and_a_plain_reason(demo, monkeypatch):
+    import signal
+
+    use_fake_worker(monkeypatch, "hang", steps=5, delay=0.05)
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        app.experiments_tree.focus()
+        app.experiments_tree.move_to("digits-rtn", "w2")
+        await pilot.press("l", "ctrl+s")
+        await wait_for(pilot, lambda: len(app.runs_table.rows) == 8
+                       and app.runs_table.rows[max(app.runs_table.rows)].status == "running", what="running")
+        run_id = max(app.runs_table.rows)
+        await wait_for(pilot, lambda: app.progress.get(run_id) and app.progress[run_id].done == 5, what="step 5")
+        os.kill(app.runs_table.rows[run_id].pid, signal.SIGKILL)
+        seen = set()
+        deadline = time.monotonic() + 15
+        while app.runs_table.rows[run_id].status != "failed" and time.monotonic() < deadline:
+            seen.add(app.runs_table.rows[run_id].status)
+            await pilot.pause(0.02)
+        run = app.runs_table.rows[run_id]
+        assert run.status == "failed" and "lost" not in seen
+        assert run.error == "killed by SIGKILL (out of memory?) during sampling 5/5"
+        messages = [n.message for n in app._notifications if f"#{run_id}" in n.message]
+        assert messages[-1] == f"run #{run_id} digits-rtn/w2 failed: {run.error}"
+        assert not any("lost" in m for m in messages)
+
+
 async def test_rerun_a_failed_run_and_the_failed_runs_of_an_experiment(demo, monkeypatch):
     use_fake_worker(monkeypatch, "done", steps=3, delay=0.01)
     async with make_app().run_test(size=SIZE) as pilot:
