@@ -85,8 +85,10 @@ class QtuiApp(App[None]):
         max_parallel: int = 1,
         executor=None,
         poll_interval: float = 0.5,
+        image_mode: str = "auto",
     ) -> None:
         super().__init__()
+        self.image_mode = image_mode  # qtui.images.MODES: how the samples screen draws pictures
         self.runs_dir = Path(runs_dir)
         self.experiments_path = Path(experiments)
         self.max_parallel = max_parallel
@@ -487,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-dir", default="runs", help="directory of the run database (default: ./runs)")
     parser.add_argument("--experiments", default="experiments.toml", help="experiment catalogue (default: ./experiments.toml)")
     parser.add_argument("--max-parallel", type=int, default=1, help="runs at once from this qtui (default: 1)")
+    parser.add_argument("--images", choices=("auto", "pixels", "halfblock"), default="auto",
+                        help="how to draw sample grids: real pixels where the terminal shows Kitty or Sixel "
+                             "images (auto), or coloured half-blocks (default: auto; m switches)")
     return parser
 
 
@@ -499,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     if runs_dir.exists() and not runs_dir.is_dir():
         print(f"qtui: {runs_dir} is not a directory", file=sys.stderr)
         return 2
-    QtuiApp(runs_dir, args.experiments, args.max_parallel).run()
+    if args.images != "halfblock" and sys.stdout.isatty():
+        from qtui import images
+
+        images.probe()  # only possible before Textual takes over the terminal
+    QtuiApp(runs_dir, args.experiments, args.max_parallel, image_mode=args.images).run()
     return 0
 
 

@@ -474,6 +474,39 @@ async def test_sample_view_draws_pngs_and_explains_missing_ones(demo, tmp_path):
         assert "file not found" in app.screen.query(SampleView)[0].problem
 
 
+async def test_images_in_pixels_where_the_terminal_can_and_half_blocks_elsewhere(demo, monkeypatch):
+    from textual_image.widget import TGPImage
+
+    from qtui import images
+
+    async with make_app().run_test(size=SIZE) as pilot:  # a terminal without Kitty or Sixel
+        app = await started(pilot)
+        await select_run(pilot, demo["w2"])
+        await pilot.press("v")
+        await wait_for(pilot, lambda: len(app.screen.query(SampleView)) == 2
+                       and all(v.image is not None for v in app.screen.query(SampleView)), what="half-blocks")
+        assert all(v.drawing == "halfblock" and v.pixels is None for v in app.screen.query(SampleView))
+        await pilot.press("m", "m")  # auto -> halfblock -> pixels: not available here
+        assert app.image_mode == "pixels"
+        assert any("no Kitty or Sixel" in n.message for n in app._notifications)
+        assert all(v.pixels is None for v in app.screen.query(SampleView))
+
+    monkeypatch.setattr(images, "detected", "kitty")  # as probe() finds in Kitty
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        await select_run(pilot, demo["w2"])
+        await pilot.press("v")
+        await wait_for(pilot, lambda: len(app.screen.query(SampleView)) == 2
+                       and all(v.pixels is not None for v in app.screen.query(SampleView)), what="pixels")
+        assert all(isinstance(v.pixels, TGPImage) and v.image is None for v in app.screen.query(SampleView))
+        await pilot.press("m")  # auto -> half-blocks
+        await wait_for(pilot, lambda: all(v.image is not None and v.pixels is None
+                                          for v in app.screen.query(SampleView)), what="switched to half-blocks")
+        await pilot.press("m")  # -> pixels again
+        await wait_for(pilot, lambda: all(v.pixels is not None for v in app.screen.query(SampleView)),
+                       what="pixels again")
+
+
 async def test_side_by_side_grid_of_chosen_runs(demo, tmp_path):
     import numpy as np
 

@@ -28,6 +28,8 @@ class SamplesScreen(Screen[None]):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back", tooltip="Back to the runs"),
         Binding("g", "focus_next_image", "Next image", tooltip="Scroll to the next picture"),
+        Binding("m", "image_mode", "Image mode", tooltip="Switch how pictures are drawn: auto (pixels "
+                "where the terminal shows Kitty or Sixel images), half-blocks, pixels"),
         Binding("c", "choose_runs", "Compare runs", tooltip="Choose the runs of a side-by-side grid "
                 "(same prompts and noise when they share a protocol)"),
     ]
@@ -78,15 +80,24 @@ class SamplesScreen(Screen[None]):
 
     def _show(self, grid: str | None, comparison: str | None) -> None:
         box = self.query_one("#samples")
+        mode = getattr(self.app, "image_mode", "auto")
         box.mount(SampleView(
             f"Sample grid of run #{self.run.id}", self._resolve(grid),
-            missing=f"run #{self.run.id} has no sample grid yet ({self.run.status})", classes="sample",
+            missing=f"run #{self.run.id} has no sample grid yet ({self.run.status})", classes="sample", mode=mode,
         ))
         box.mount(SampleView(
             f"Side-by-side grid of {self.run.experiment} (c chooses its runs)", self._resolve(comparison),
             missing=f"{self.run.experiment} has no comparison grid yet (c draws one)", classes="sample",
-            id="comparison-view",
+            id="comparison-view", mode=mode,
         ))
+
+    def action_image_mode(self) -> None:
+        from qtui import images
+
+        self.app.image_mode = images.next_mode(getattr(self.app, "image_mode", "auto"))
+        for view in self.query(SampleView):
+            view.set_mode(self.app.image_mode)
+        self.notify(images.describe(self.app.image_mode))
 
     def action_choose_runs(self) -> None:
         from qtui.components.runs_picker import RunsPicker
@@ -131,7 +142,7 @@ class SamplesScreen(Screen[None]):
 
     async def _show_comparison(self, path: str, ids: list[int]) -> None:
         view = SampleView(f"Side-by-side grid of runs {', '.join(f'#{i}' for i in ids)}", path, classes="sample",
-                          id="comparison-view")
+                          id="comparison-view", mode=getattr(self.app, "image_mode", "auto"))
         for old in self.query("#comparison-view"):
             await old.remove()
         await self.query_one("#samples").mount(view)
