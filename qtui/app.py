@@ -67,7 +67,7 @@ class QtuiApp(App[None]):
         Binding("o", "columns", "Columns", tooltip="Choose, hide and reorder the table's columns (any "
                 "stored metric can be one); kept in RUNS_DIR/qtui-settings.json"),
         Binding("e", "export", "Export", tooltip="Export the table as shown to CSV, Markdown, LaTeX or JSON"),
-        Binding("R", "rerun_failed", "Rerun failed", tooltip="Re-run the failed runs of the experiment "
+        Binding("R", "rerun_failed", "Rerun failed", show=False, tooltip="Re-run the failed runs of the experiment "
                 "(press twice)"),
         Binding("question_mark", "toggle_keys", "Keys", tooltip="This list of keys"),
         Binding("q", "quit_main", "Quit", tooltip="Quit (main screen only; ctrl+q anywhere); running runs go on"),

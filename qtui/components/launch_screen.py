@@ -71,7 +71,7 @@ def describe_launch(experiment, variants: list[str], overrides: dict, executor: 
         if key in overrides:
             part += f" (instead of {getattr(experiment, key)})"
         parts.append(part)
-    text.append("\n" + " · ".join(parts) + f" · executor {executor}")
+    text.append("\n" + " · ".join(parts) + f" · executor {executor} ({EXECUTORS.get(executor, '?')})")
     if overrides:
         text.append("\nAnother protocol than the experiment's: these runs are ranked apart from its other runs.",
                     style="yellow")
@@ -114,7 +114,7 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
                             yield Input(placeholder=str(getattr(e, key)), id=f"launch-{key}")
                     with Vertical(classes="launch-field"):
                         yield Label("Executor")
-                        yield Select([(f"{name}: {text}", name) for name, text in EXECUTORS.items()],
+                        yield Select([(name, name) for name in EXECUTORS],
                                      value="local", allow_blank=False, id="launch-executor")
                 yield Static("", id="launch-preview")
             with Horizontal(id="launch-buttons"):

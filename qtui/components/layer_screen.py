@@ -69,7 +69,11 @@ class LayerScreen(ModalScreen[None]):
                  and any(self.matrix.values[q][self.index][c] is not None for c in range(len(self.matrix.runs)))]
         for q in names:
             table.add_column(QUANTITIES[q], justify="right", no_wrap=True)
-        table.add_column("Method's notes (extra)")
+        extras = [self.matrix.extras[self.index][c] if self.matrix.extras else None
+                  for c in range(len(self.matrix.runs))]
+        notes = any(extra and set(extra) - {"reason"} for extra in extras)
+        if notes:
+            table.add_column("Method's notes (extra)")
         for c, (run_id, label) in enumerate(self.matrix.runs):
             run = self.runs.get(run_id)
             extra = self.matrix.extras[self.index][c] if self.matrix.extras else None
@@ -82,5 +86,5 @@ class LayerScreen(ModalScreen[None]):
             cells = [compact(v) if v is not None else "·" for v in
                      (self.matrix.values[q][self.index][c] for q in names)]
             table.add_row(f"{label} #{run_id}" if not label.endswith(f"#{run_id}") else label, bits, *cells,
-                          extra_text(extra))
+                          *([extra_text(extra)] if notes else []))
         return Group(head, Text(""), table, Text("\nescape: back", style="dim"))
