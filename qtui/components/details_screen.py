@@ -41,7 +41,9 @@ def number(value) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e6:
+        if value.is_integer() and abs(value) < 1e6:
+            return f"{value:.1f}"
+        if 1e-3 <= abs(value) < 1e6:
             return f"{value:.6g}"
         return f"{value:.4e}"
     return str(value)
