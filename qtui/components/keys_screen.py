@@ -44,13 +44,17 @@ def key_rows(screen: Screen, main_only: frozenset[str] = frozenset()) -> list[tu
                 continue
             if node is app and screen is not app.screen_stack[0] and binding.action in main_only:
                 continue  # main-screen keys do nothing here
-            text = binding.tooltip or binding.description
+            text = binding.tooltip  # qtui's keys say what they do; Textual's own stay out of the list
             if not text:
                 continue
             rows.append((app.get_key_display(binding), text))
+        rows = list(dict(rows).items())  # one line per key
         if rows:
             place = PLACES.get(cls) or getattr(node, "KEYS_TITLE", None) or cls
             groups.append((place, rows))
+    groups.insert(0, ("Moving", [("arrows", "Move; in tables left/right choose the column"),
+                                 ("pgup pgdn home end", "Page and jump"),
+                                 ("tab shift+tab", "Next / previous pane")]))
     return groups
 
 
