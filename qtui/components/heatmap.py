@@ -24,7 +24,6 @@ from qtui.heatmap_data import (
 )
 
 ROLE_WIDTH = 5
-MAX_NAME = 36
 MIN_NAME = 20
 
 
@@ -111,12 +110,12 @@ class Heatmap(ScrollView, can_focus=True):
         view = self.scrollable_content_region.width
         names = [label for _, label in self.matrix.runs]
         # Run names in full if they fit beside layer names cut to MIN_NAME; the layer names
-        # then get whatever room is left (up to MAX_NAME).
+        # then get whatever room is left.
         self.name_width = max(10, min(longest, MIN_NAME))
         self.labels, self.widths, self.abbreviations = column_labels(names, max(0, view - self.fixed_width))
         room = view - self.fixed_width - width_of(self.widths, lead=False)
         if room > 0:
-            self.name_width = max(self.name_width, min(longest, MAX_NAME, self.name_width + room))
+            self.name_width = max(self.name_width, min(longest, self.name_width + room))
         self.cursor = max(0, min(self.cursor, len(self.rows) - 1))
         self.column = max(0, min(self.column, len(self.matrix.runs) - 1))
         self.virtual_size = Size(self.fixed_width + width_of(self.widths, lead=False), len(self.rows) + 1)
