@@ -7,15 +7,15 @@ rendered, and a re-sort is one sort of cached keys.
 
 Keys: arrows move the cursor (left/right choose the sort column, shown in the header), `s`
 sorts by that column and pressing it again reverses; clicking a header does the same.
-Missing values sort last both ways. The best value of each metric column among the shown
-rows is marked.
+Missing values sort last both ways. The best value of each metric column is marked among
+the shown runs of the same experiment and protocol only (`qtui.protocol`); ID and Variant stay
+put while the other columns scroll sideways; widths follow the shown runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rich.segment import Segment
 from rich.style import Style
 from textual.binding import Binding
 from textual.geometry import Size
@@ -27,7 +27,7 @@ from qtui.columns import (
     COLUMNS, DEFAULT_LAYOUT, FROZEN, Column, best_by_group, columns_for, comparable_group, normal_layout,
     odd_protocols, sort_order,
 )
-from qtui.components.grid_lines import cells_strip, fit, frozen_line, width_of
+from qtui.components.grid_lines import cells_strip, frozen_line, width_of
 from qtui.messages import RunHighlighted
 from qtui.model import RunRow
 
