@@ -270,3 +270,14 @@ def test_heatmap_column_names_fit_or_are_numbered_with_a_legend():
     assert [r.label for r in sort_lines(rows, 0, False)] == ["c", "a", "b"]
     bits = lines(m, "bits", set())
     assert [r.label for r in sort_lines(bits, 0, True)] == ["c", "a", "b"]  # FP last, not as 32
+
+
+def test_heatmap_columns_keep_to_the_highlighted_runs_protocol():
+    from qtui.components.heatmap_screen import pick_columns
+
+    runs = [RunRow(1, "e", "fp", "done", protocol="p1000"), RunRow(2, "e", "A", "done", protocol="p1000"),
+            RunRow(3, "e", "A", "done", protocol="p100"), RunRow(4, "e", "B", "done", protocol="p100")]
+    every = {1, 2, 3, 4}
+    assert [r.id for r in pick_columns(runs, every, ["fp", "A", "B"], prefer=3)] == [3, 4]
+    assert [r.id for r in pick_columns(runs, every, ["fp", "A", "B"], prefer=2)] == [1, 2]
+    assert [r.id for r in pick_columns(runs, every, ["fp", "A", "B"], prefer=None)] == [1, 3, 4]

@@ -29,8 +29,12 @@ from qtui.reader import Reader
 def pick_columns(runs: list[RunRow], with_layers: set[int], variant_order: list[str],
                  prefer: int | None) -> list[RunRow]:
     """Per variant: the preferred run if it has layers, else its latest done run with layers,
-    else its latest run with layers. Ordered as the catalogue lists the variants."""
+    else its latest run with layers; only runs of the preferred run's protocol, when there is
+    one. Ordered as the catalogue lists the variants."""
     chosen: dict[str, RunRow] = {}
+    protocol = next((r.protocol for r in runs if r.id == prefer), None)
+    if protocol is not None:
+        runs = [r for r in runs if r.protocol == protocol]
     for run in sorted(runs, key=lambda r: r.id):
         if run.id not in with_layers:
             continue
