@@ -141,7 +141,8 @@ class HeatmapScreen(Screen[None]):
 
     async def _show(self, matrix: Matrix, columns: list[RunRow]) -> None:
         self.matrix, self.columns = matrix, columns
-        names = ", ".join(f"{label}=#{run_id}" for run_id, label in matrix.runs)
+        names = ", ".join(label if label.endswith(f"#{run_id}") else f"{label}=#{run_id}"
+                          for run_id, label in matrix.runs)
         title = Text(f"{self.experiment}: {len(matrix.layers)} layers × {len(columns)} runs", style="bold")
         title.append(f"  ({names})", style="dim")
         self.query_one("#heatmap-title", Static).update(title)
