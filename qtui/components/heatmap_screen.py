@@ -19,8 +19,6 @@ from textual.widgets import Static
 
 from qtui.components.key_footer import KeyFooter
 from qtui.components.heatmap import Heatmap
-from qtui.components.layer_screen import LayerScreen
-from qtui.components.runs_picker import RunsPicker
 from qtui.heatmap_data import DARK, FP_COLOUR, PALETTE, QUANTITIES, Matrix, Scale, build_matrix, cell_text
 from qtui.model import RunRow
 from qtui.reader import Reader
@@ -166,11 +164,15 @@ class HeatmapScreen(Screen[None]):
         self.query_one("#heatmap-legend", Static).update(text)
 
     def on_heatmap_layer_chosen(self, event: Heatmap.LayerChosen) -> None:
+        from qtui.components.layer_screen import LayerScreen
+
         if self.matrix is not None:
             by_id = {run.id: run for run in self.columns}
             self.app.push_screen(LayerScreen(self.matrix, event.layer_index, by_id))
 
     def action_choose_runs(self) -> None:
+        from qtui.components.runs_picker import RunsPicker
+
         candidates = sorted((r for r in self.runs if r.id in self.with_layers), key=lambda r: r.id)
         chosen = [run.id for run in self.columns]
         self.app.push_screen(RunsPicker(f"Runs of {self.experiment} in the heatmap", candidates, chosen),
