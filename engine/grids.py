@@ -1,4 +1,4 @@
-"""Sample grids as PNG: one per run, and one side-by-side comparison per experiment.
+"""Sample grids as PNG: one per run, and side-by-side comparisons of chosen sets of runs.
 
 Samples are stored per run as `samples.safetensors` (uint8 images [N, H, W] plus labels), so
 grids can be rebuilt without torch and compared across variants: sample i of every variant
@@ -7,11 +7,13 @@ had the same prompt and the same initial noise.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 SAMPLES_FILE = "samples.safetensors"
+COMPARISONS_DIR = "comparisons"
 
 
 def to_uint8(images) -> np.ndarray:
@@ -61,12 +63,52 @@ def run_grid(images_u8: np.ndarray, path: Path, cols: int = 10, rows: int = 10) 
     return save_png(tile(images_u8, rows, cols), path)
 
 
+def comparison_path(runs_dir: Path, experiment: str, run_ids: list[int]) -> Path:
+    """One file per set of runs: `comparisons/EXPERIMENT-runs-1-4-9.png` (or a digest of the
+    ids when there are many), so a grid is only ever rewritten with the same runs."""
+    ids = sorted(set(run_ids))
+    tag = "-".join(map(str, ids)) if len(ids) <= 8 else f"{len(ids)}-{hashlib.sha1(str(ids).encode()).hexdigest()[:10]}"
+    return Path(runs_dir) / COMPARISONS_DIR / f"{experiment}-runs-{tag}.png"
+
+
 def comparison_grid(columns: list[tuple[str, Path]], path: Path, rows: int = 10) -> Path:
-    """One column per variant (same prompts, same noise in each row), from samples files."""
+    """One column per run, labelled (same prompts, same noise in each row), from samples files."""
     stacks = []
     for _, samples_path in columns:
         images, _ = load_samples(samples_path)
         stacks.append(images[:rows])
     n = min(len(s) for s in stacks)
     interleaved = np.stack([s[:n] for s in stacks], axis=1).reshape(n * len(stacks), *stacks[0].shape[1:])
-    return save_png(tile(interleaved, n, len(stacks)), path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(tile(interleaved, n, len(stacks)), path)
+    add_labels(path, [label for label, _ in columns], stacks[0].shape[2])
+    return path
+
+
+def add_labels(path: Path, labels: list[str], cell: int, pad: int = 1, scale: int = 2) -> None:
+    """A strip above the grid with each column's label: across when every label fits its
+    column, else written upwards (so long names stay whole)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    column = (cell + pad) * scale
+    sizes = [font.getbbox(label) for label in labels]
+    widths = [box[2] - box[0] for box in sizes]
+    height = max((box[3] - box[1] for box in sizes), default=8) + 4
+    upright = any(w > column - 2 for w in widths)
+    strip_height = (max(widths, default=0) + 6) if upright else height
+    with Image.open(path) as grid:
+        grid = grid.convert("L")
+        out = Image.new("L", (grid.width, grid.height + strip_height), 255)
+        out.paste(grid, (0, strip_height))
+    draw = ImageDraw.Draw(out)
+    for i, (label, w) in enumerate(zip(labels, widths)):
+        left = pad * scale + i * column
+        if upright:
+            text = Image.new("L", (w + 2, height), 255)
+            ImageDraw.Draw(text).text((1, 1), label, fill=0, font=font)
+            text = text.rotate(90, expand=True)
+            out.paste(text, (left + max(0, (column - text.width) // 2), strip_height - text.height - 2))
+        else:
+            draw.text((left + (column - w) // 2, 2), label, fill=0, font=font)
+    out.save(path)

@@ -15,7 +15,7 @@ import torch
 
 from engine.data.digits import load_digits_16
 from engine.evaluate import evaluate_samples, reference_stats
-from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, to_uint8
+from engine.grids import SAMPLES_FILE, comparison_grid, comparison_path, run_grid, save_samples, to_uint8
 from engine.models.loader import load_feature_model, load_text_to_image
 from engine.methods import QuantContext, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
@@ -123,23 +123,26 @@ def check_evaluable(run: RunConfig, labels: list[int] | None) -> None:
 
 
 def update_comparison(store: Store, experiment: str, run_id: int) -> None:
-    """Rebuild the experiment's side-by-side grid from the latest finished run of each
-    variant (including this one, about to be marked done) that shares this run's sampling."""
+    """The side-by-side grid of this run with the latest finished run of each other variant
+    that shares its sampling (samples, steps, guidance, seed), one labelled column per run.
+    Its file is named by the set of runs (`grids.comparison_path`): no other set overwrites it."""
     this = store.get_run(run_id)
-    sampling = json.loads(this["config"])["sampling"]
+    keys = ("samples", "steps", "guidance", "seed")
+    sampling = {k: json.loads(this["config"])["sampling"].get(k) for k in keys}
     latest: dict[str, dict] = {}
     for run in store.runs(experiment=experiment):
         if run["id"] != run_id and run["status"] != "done":
             continue
-        if json.loads(run["config"])["sampling"]["seed"] != sampling["seed"]:
+        if {k: json.loads(run["config"])["sampling"].get(k) for k in keys} != sampling:
             continue
         latest[run["variant"]] = run
-    columns = []
+    latest[this["variant"]] = this
+    columns, ids = [], []
     for variant, run in sorted(latest.items(), key=lambda kv: (kv[0] != "fp", kv[0])):
         path = store.runs_dir / run["folder"] / SAMPLES_FILE
         if path.exists():
-            columns.append((variant, path))
+            columns.append((f"{variant} #{run['id']}", path))
+            ids.append(run["id"])
     if columns:
-        out = store.runs_dir / f"{experiment}-comparison.png"
-        comparison_grid(columns, out)
+        out = comparison_grid(columns, comparison_path(store.runs_dir, experiment, ids))
         store.add_artifact(run_id, "comparison", out)

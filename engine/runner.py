@@ -57,24 +57,28 @@ def launch_options(executor: str = "local", jobs: int = 1, gpus: list[str] | Non
 
 
 def create_runs(store: Store, experiment: Experiment, variants: list[str], samples: int | None,
-                launch: dict | None = None) -> list[int]:
-    """Queue one run per variant; they form one batch (one Slurm job array)."""
+                launch: dict | None = None, sampling: dict | None = None) -> list[int]:
+    """Queue one run per variant; they form one batch (one Slurm job array). `sampling`
+    overrides keys of each config's sampling table (qtui's launch dialog: samples, seed, steps,
+    guidance)."""
     commit, versions = git_commit(), package_versions()
     launch = launch or launch_options()
     batch = uuid.uuid4().hex[:12]
     ids = []
     for variant in variants:
         config = experiment.run_config(variant, samples)
+        if sampling:
+            config["sampling"].update(sampling)
         ids.append(store.create_run(experiment.name, variant, config, config_hash(config), commit, versions,
                                     executor=launch["executor"], launch=launch, batch=batch))
     return ids
 
 
 def queue_runs(store: Store, experiment: Experiment, variants: list[str], samples: int | None,
-               launch: dict | None = None) -> list[int]:
+               launch: dict | None = None, sampling: dict | None = None) -> list[int]:
     """Queue the runs and make sure a scheduler is draining the queue."""
     launch = launch or launch_options()
-    ids = create_runs(store, experiment, variants, samples, launch)
+    ids = create_runs(store, experiment, variants, samples, launch, sampling)
     ensure_scheduler(store.runs_dir, launch.get("jobs") or 1, launch.get("gpus"), store)
     return ids
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from engine.executor import LocalExecutor, RunHandle
+from engine.exit_reason import describe_exit, read_tail
 from engine.queue_store import (adopt_slurm_runs, beat, claim_local, claim_slurm_batch, live_schedulers,
                                 new_token, register_scheduler, release_dead_claims, retire_if_idle, rows,
                                 set_fields, unregister)
@@ -108,7 +109,7 @@ class Scheduler:
                 # stopped by a cancel whose caller has not recorded it yet
                 status, error = "cancelled", "cancelled by the user"
             elif code != 0:
-                error = f"worker exited with code {code}: {log_tail(handle.log_path)}"
+                error = describe_exit(code, read_tail(handle.log_path))
             else:
                 error = "worker exited without recording a result"
             if self.store.finish_if_unfinished(run_id, status, error):

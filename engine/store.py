@@ -359,8 +359,25 @@ class Store:
             self.db["layers"].upsert_all(rows, pk=("run_id", "idx"), alter=True)
 
     def add_artifact(self, run_id: int, kind: str, path: str | Path) -> None:
+        """Paths inside the runs folder are stored relative to it, so that a moved or copied
+        runs folder still finds its files; others are stored as given."""
         with self.db.conn:
-            self.db["artifacts"].insert({"run_id": run_id, "kind": kind, "path": str(path)})
+            self.db["artifacts"].insert({"run_id": run_id, "kind": kind, "path": self.relative(path)})
+
+    def relative(self, path: str | Path) -> str:
+        path = Path(path)
+        if path.is_absolute():
+            try:
+                return path.resolve().relative_to(self.runs_dir).as_posix()
+            except ValueError:
+                return str(path)
+        return path.as_posix()
+
+    def resolve(self, stored: str) -> Path:
+        """A stored artifact path as a usable one: relative paths are below the runs folder
+        (rows written before paths were relative are absolute and stay as they are)."""
+        path = Path(stored)
+        return path if path.is_absolute() else self.runs_dir / path
 
     # ---------------------------------------------------------------- queries
     def metrics(self, run_id: int) -> dict[str, float]:
@@ -372,7 +389,9 @@ class Store:
         return list(self.db["layers"].rows_where("run_id = ?", [run_id], order_by="idx"))
 
     def artifacts(self, run_id: int) -> list[dict]:
-        return list(self.db["artifacts"].rows_where("run_id = ?", [run_id], order_by="id"))
+        """The run's artifacts with `path` resolved (see `resolve`); `stored` is the row's text."""
+        rows = list(self.db["artifacts"].rows_where("run_id = ?", [run_id], order_by="id"))
+        return [{**row, "stored": row["path"], "path": str(self.resolve(row["path"]))} for row in rows]
 
     def last_event(self, run_id: int) -> dict | None:
         rows = list(

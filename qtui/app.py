@@ -22,7 +22,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.worker import Worker, WorkerState
 
-from qtui.columns import BY_KEY
+from qtui.columns import DEFAULT_LAYOUT, columns_for, metric_names
 from qtui.components.error_modal import ErrorModal
 from qtui.components.experiments_tree import ExperimentsTree
 from qtui.components.key_footer import KeyFooter
@@ -38,10 +38,12 @@ from qtui.poller import PollerThread
 
 STATUS_FILTERS = (None, *STATUSES)
 CONFIRM_SECONDS = 3.0
-MAIN_SCREEN_ACTIONS = {
+# App actions that work on the main screen only: elsewhere their keys are free (and `q` never
+# quits from another screen; escape goes back everywhere).
+MAIN_SCREEN_ACTIONS = frozenset({
     "cycle_status", "heatmap", "samples", "export", "rerun_failed", "reload", "toggle_tree",
-    "launch", "cancel_run", "rerun", "queue",
-}
+    "launch", "cancel_run", "rerun", "details", "quit_main", "columns", "queue",
+})
 
 
 class QtuiApp(App[None]):
@@ -54,16 +56,28 @@ class QtuiApp(App[None]):
     ]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
     BINDINGS = [
-        Binding("f", "cycle_status", "Status"),
-        Binding("h", "heatmap", "Heatmap"),
-        Binding("v", "samples", "Samples"),
-        Binding("e", "export", "Export"),
-        Binding("R", "rerun_failed", "Rerun failed"),
-        Binding("u", "queue", "Queue", show=False),  # in the keys panel (?); the footer is full
-        Binding("question_mark", "toggle_keys", "Keys"),
-        Binding("q", "quit", "Quit"),
-        Binding("ctrl+r", "reload", "Reload toml", show=False),
-        Binding("t", "toggle_tree", "Tree", show=False),
+        Binding("l", "launch", "Launch", tooltip="Launch dialog: the variants chosen in the tree (or the "
+                "selected run's), with samples, seed, steps and guidance to override"),
+        Binding("i", "details", "Details", tooltip="Everything about the selected run: config, protocol, "
+                "bits, commit, timings, error and log (enter in the table too)"),
+        Binding("h", "heatmap", "Heatmap", tooltip="Per-layer heatmap of the selected run's experiment"),
+        Binding("v", "samples", "Samples", tooltip="Sample grid of the selected run and its side-by-side grid"),
+        Binding("f", "cycle_status", "Status", tooltip="Filter the runs by status (cycles: any, queued, "
+                "running, done, failed, cancelled, lost)"),
+        Binding("o", "columns", "Columns", tooltip="Choose, hide and reorder the table's columns (any "
+                "stored metric can be one); kept in RUNS_DIR/qtui-settings.json"),
+        Binding("e", "export", "Export", tooltip="Export the table as shown to CSV, Markdown, LaTeX or JSON"),
+        Binding("R", "rerun_failed", "Rerun failed", show=False, tooltip="Re-run the failed runs of the experiment "
+                "(press twice)"),
+        Binding("u", "queue", "Queue", show=False, tooltip="The queue: order, executor, GPU or Slurm job and "
+                "state; reorder (K/J) or cancel (c c) waiting runs"),
+        Binding("question_mark", "toggle_keys", "Keys", tooltip="This list of keys"),
+        Binding("q", "quit_main", "Quit", tooltip="Quit (main screen only; ctrl+q anywhere); running runs go on"),
+        Binding("escape", "back", "Back", show=False, tooltip="Back: close this screen; on the main "
+                "screen, clear the experiment and status filters"),
+        Binding("ctrl+r", "reload", "Reload toml", show=False, tooltip="Reload experiments.toml"),
+        Binding("t", "toggle_tree", "Tree", show=False, tooltip="Show or hide the experiments tree"),
+        Binding("tab", "focus_next", "Next pane", show=False, tooltip="Move to the next pane"),
     ]
 
     def __init__(
@@ -73,8 +87,10 @@ class QtuiApp(App[None]):
         max_parallel: int = 1,
         executor=None,
         poll_interval: float = 0.5,
+        image_mode: str = "auto",
     ) -> None:
         super().__init__()
+        self.image_mode = image_mode  # qtui.images.MODES: how the samples screen draws pictures
         self.runs_dir = Path(runs_dir)
         self.experiments_path = Path(experiments)
         self.max_parallel = max_parallel
@@ -86,8 +102,15 @@ class QtuiApp(App[None]):
         self.loaded = False  # a complete view of the database (runs and metrics) is applied
         self.db_error: str | None = None
         self._confirm: tuple[str, object, float] | None = None
+        from qtui.settings import load_settings
+
+        self.settings, self.settings_problem = load_settings(self.runs_dir)
+        layout = self.settings.get("columns")
+        self.layout = layout if isinstance(layout, list) else list(DEFAULT_LAYOUT)
+        self._columns = columns_for(self.layout)  # the table's, for the poller to format cells
         # The poller starts reading now, while Textual starts up; it posts once attached.
-        self.poller = PollerThread(self.runs_dir, interval=poll_interval, prepare=prepare_cells)
+        self.poller = PollerThread(self.runs_dir, interval=poll_interval,
+                                   prepare=lambda runs: prepare_cells(runs, self._columns))
         self.poller.start()
         self.launcher: Launcher | None = None
         self.tailer: LogTailer | None = None
@@ -97,7 +120,7 @@ class QtuiApp(App[None]):
         with Horizontal(id="main"):
             yield ExperimentsTree(self.experiments_path.name, id="tree")
             with Vertical(id="right"):
-                yield RunsTable(id="runs")
+                yield RunsTable(self.layout, id="runs")
                 yield ProgressPanel(id="progress")
                 yield LogPane(id="log")
         yield KeyFooter(compact=True, show_command_palette=False)
@@ -109,6 +132,9 @@ class QtuiApp(App[None]):
         self.log_pane = self.query_one(LogPane)
         self.experiments_tree.border_title = "Experiments"
         self.runs_table.focus()
+        self._columns = self.runs_table.columns
+        if self.settings_problem:
+            self.notify(self.settings_problem, severity="warning", timeout=8)
         self._retitle()
         self.progress_panel.show({}, {}, 0)
         self.load_catalogue()
@@ -240,7 +266,10 @@ class QtuiApp(App[None]):
         status = table.filter_status or "any status"
         table.border_title = Text(f"Runs · {experiment} · {status} · {len(table.order)}/{len(table.rows)}")
         arrow = "▼" if table.descending else "▲"
-        note = f"sort {BY_KEY[table.sort_key].label} {arrow} · best in bold"
+        label = next((c.label for c in table.columns if c.key == table.sort_key), table.sort_key)
+        note = f"sort {label} {arrow} · best in bold per experiment and protocol"
+        if table.odd:
+            note = f"{len(table.odd)} with another protocol (italic n) · " + note
         floor = self._fid_floor(table.filter_experiment)
         if floor is not None:
             note = f"FID floor {floor:.2f} · " + note
@@ -267,21 +296,40 @@ class QtuiApp(App[None]):
         self.notify(prompt, severity="warning", timeout=CONFIRM_SECONDS)
         return False
 
+    async def action_quit_main(self) -> None:
+        await self.action_quit()
+
     async def action_quit(self) -> None:
         """Quit; running runs keep running and the scheduler goes on starting queued ones."""
         self.exit()
 
     def action_launch(self) -> None:
+        """The launch dialog for the variants chosen in the tree or, from the table, for the
+        selected run's experiment and variant."""
+        from qtui.components.launch_screen import LaunchScreen
+
         experiment, variants = self.experiments_tree.chosen()
+        run = self.runs_table.selected
+        if not self.experiments_tree.has_focus and run is not None and self.catalogue is not None \
+                and run.experiment in self.catalogue.experiments:
+            experiment = run.experiment
+            known = self.catalogue.experiments[experiment].variants
+            variants = [run.variant] if run.variant in known else list(known)
         if self.catalogue is None:
             self.notify("experiments.toml is not loaded: fix it and press ctrl+r", severity="error")
         elif experiment is None:
             self.notify("move the tree cursor to an experiment or variant to launch", severity="warning")
-        elif not variants:
+        elif experiment not in self.catalogue.experiments:
             self.notify(f"{experiment} is not in {self.experiments_path.name}: nothing to launch", severity="warning")
         else:
-            self.launcher.launch(self.catalogue.experiments[experiment], variants)
-            self.experiments_tree.clear_marks(experiment)
+            self.push_screen(LaunchScreen(self.catalogue.experiments[experiment], variants), self._launch_chosen)
+
+    def _launch_chosen(self, request) -> None:
+        if request is None or self.catalogue is None or request.experiment not in self.catalogue.experiments:
+            return
+        self.launcher.launch(self.catalogue.experiments[request.experiment], request.variants,
+                             request.overrides, request.executor)
+        self.experiments_tree.clear_marks(request.experiment)
 
     def action_cancel_run(self) -> None:
         run = self.runs_table.selected
@@ -298,7 +346,8 @@ class QtuiApp(App[None]):
             return
         if run.status == "running":
             self.notify(f"run #{run.id} is running; cancel it first", severity="warning")
-        else:
+        elif self._confirmed("rerun", run.id, f"press r again to re-run run #{run.id} "
+                             f"({run.experiment}/{run.variant}) with its stored config"):
             self.launcher.rerun(run.id)
 
     def action_rerun_failed(self) -> None:
@@ -329,6 +378,16 @@ class QtuiApp(App[None]):
         prefer = selected.id if selected is not None and selected.experiment == experiment else None
         self.push_screen(HeatmapScreen(self.runs_dir, experiment, runs, order, prefer))
 
+    def action_details(self) -> None:
+        from qtui.components.details_screen import DetailsScreen
+
+        run = self.runs_table.selected
+        if run is None:
+            self.notify("no run selected", severity="warning")
+            return
+        others = [r for r in self.runs_table.rows.values() if r.experiment == run.experiment]
+        self.push_screen(DetailsScreen(self.runs_dir, run, others))
+
     def action_samples(self) -> None:
         from qtui.components.samples_screen import SamplesScreen
 
@@ -336,7 +395,29 @@ class QtuiApp(App[None]):
         if run is None:
             self.notify("no run selected", severity="warning")
             return
-        self.push_screen(SamplesScreen(self.runs_dir, run))
+        others = [r for r in self.runs_table.rows.values() if r.experiment == run.experiment]
+        self.push_screen(SamplesScreen(self.runs_dir, run, others))
+
+    def action_columns(self) -> None:
+        from qtui.components.columns_screen import ColumnsScreen
+
+        metrics = metric_names(self.runs_table.rows.values())
+        self.push_screen(ColumnsScreen(self.runs_table.column_layout, metrics), self._columns_chosen)
+
+    def _columns_chosen(self, layout: list[str] | None) -> None:
+        if layout is None:
+            return
+        from qtui.settings import save_settings
+
+        self.runs_table.set_layout(layout)
+        self._columns = self.runs_table.columns
+        self._retitle()
+        try:
+            path = save_settings(self.runs_dir, {"columns": self.runs_table.column_layout})
+        except (OSError, ValueError) as exc:
+            self.notify(f"columns not saved: {exc}", severity="error", timeout=8)
+            return
+        self.notify(f"columns saved in {path}")
 
     def action_queue(self) -> None:
         from qtui.components.queue_screen import QueueScreen
@@ -380,10 +461,22 @@ class QtuiApp(App[None]):
         return True
 
     def action_toggle_keys(self) -> None:
-        if self.screen.query("HelpPanel"):
-            self.action_hide_help_panel()
+        from qtui.components.keys_screen import KeysScreen
+
+        if isinstance(self.screen, KeysScreen):
+            self.screen.dismiss()
         else:
-            self.action_show_help_panel()
+            self.push_screen(KeysScreen(self.screen, MAIN_SCREEN_ACTIONS))
+
+    def action_back(self) -> None:
+        """Escape: close the screen on top; on the main screen, clear the filters."""
+        if len(self.screen_stack) > 1:
+            self.pop_screen()
+            return
+        table = self.runs_table
+        if table.filter_experiment is not None or table.filter_status is not None:
+            table.set_filter(experiment=None, status=None)
+            self._retitle()
 
     def action_toggle_tree(self) -> None:
         self.experiments_tree.display = not self.experiments_tree.display
@@ -396,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-dir", default="runs", help="directory of the run database (default: ./runs)")
     parser.add_argument("--experiments", default="experiments.toml", help="experiment catalogue (default: ./experiments.toml)")
     parser.add_argument("--max-parallel", type=int, default=1, help="runs at once from this qtui (default: 1)")
+    parser.add_argument("--images", choices=("auto", "pixels", "halfblock"), default="auto",
+                        help="how to draw sample grids: real pixels where the terminal shows Kitty or Sixel "
+                             "images (auto), or coloured half-blocks (default: auto; m switches)")
     return parser
 
 
@@ -408,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     if runs_dir.exists() and not runs_dir.is_dir():
         print(f"qtui: {runs_dir} is not a directory", file=sys.stderr)
         return 2
-    QtuiApp(runs_dir, args.experiments, args.max_parallel).run()
+    if args.images != "halfblock" and sys.stdout.isatty():
+        from qtui import images
+
+        images.probe()  # only possible before Textual takes over the terminal
+    QtuiApp(runs_dir, args.experiments, args.max_parallel, image_mode=args.images).run()
     return 0
 
 

@@ -89,10 +89,13 @@ STATUS_RANK = {s: i for i, s in enumerate(STATUSES)}
 
 COLUMNS: tuple[Column, ...] = (
     Column("id", "ID", attribute("id"), as_text),
-    Column("experiment", "Experiment", attribute("experiment"), as_text, align="left"),
     Column("variant", "Variant", attribute("variant"), as_text, align="left"),
+    Column("experiment", "Experiment", attribute("experiment"), as_text, align="left"),
     Column("status", "Status", lambda runs: [STATUS_RANK.get(r.status, 99) for r in runs],
            lambda runs, values: [r.status for r in runs], align="left"),
+    Column("samples", "n", attribute("samples"),
+           lambda runs, values: [MISSING if v is None else str(v) for v in values]),
+    Column("quant", "Quantization", attribute("quant"), as_text, align="left"),
     Column("fid", "FID [95% CI]", metric("fid"), fid_texts, best="min"),
     Column("acc", "Acc %", metric("prompt_acc"), fixed(1, 100.0), best="max"),
     Column("clip", "CLIP", metric("clip_score"), fixed(3), best="max"),
@@ -102,8 +105,59 @@ COLUMNS: tuple[Column, ...] = (
     Column("latency", "ms", metric("latency_ms"), fixed(1), best="min"),
     Column("bits", "Bits", metric("mean_bits"), fixed(2), best="min"),
     Column("mem", "Mem MB", metric("peak_mem_mb"), fixed(0), best="min"),
+    Column("description", "Description", attribute("description"), as_text, align="left"),
+    Column("protocol", "Protocol", attribute("protocol"), as_text, align="left"),
 )
 BY_KEY = {c.key: c for c in COLUMNS}
+FROZEN = ("id", "variant")  # always shown, first, and frozen while the table scrolls sideways
+DEFAULT_LAYOUT = tuple(c.key for c in COLUMNS if c.key not in ("description", "protocol"))
+# Metrics that the columns above show already (the FID interval is part of the FID column).
+SHOWN_METRICS = {"fid", "fid_ci_low", "fid_ci_high", "prompt_acc", "clip_score", "size_bytes",
+                 "size_ratio", "latency_ms", "mean_bits", "peak_mem_mb"}
+METRIC_PREFIX = "m:"
+# Directions of stored metrics that have one; other metric columns get no best mark.
+METRIC_BEST = {"fisher_spearman": "max", "quantize_s": "min", "calibration_s": "min", "kid": "min",
+               "fid_floor": None}
+
+
+def general(runs: Sequence[RunRow], values: list) -> list[str]:
+    return [MISSING if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in values]
+
+
+def metric_column(name: str) -> Column:
+    """A column for any stored metric, by its stored name."""
+    return Column(METRIC_PREFIX + name, name, metric(name), general, best=METRIC_BEST.get(name))
+
+
+def column_for(key: str) -> Column | None:
+    if key in BY_KEY:
+        return BY_KEY[key]
+    if key.startswith(METRIC_PREFIX) and len(key) > len(METRIC_PREFIX):
+        return metric_column(key[len(METRIC_PREFIX):])
+    return None
+
+
+def normal_layout(keys: Iterable[str]) -> list[str]:
+    """A layout as stored in the settings, made valid: known keys, no repeats, frozen first."""
+    out = list(FROZEN)
+    for key in keys:
+        if isinstance(key, str) and key not in out and column_for(key) is not None:
+            out.append(key)
+    return out
+
+
+def columns_for(layout: Sequence[str]) -> tuple[Column, ...]:
+    """Every built-in column, then a metric column per metric key of the layout."""
+    extra = [column_for(k) for k in layout if k.startswith(METRIC_PREFIX)]
+    return COLUMNS + tuple(c for c in extra if c is not None)
+
+
+def metric_names(rows: Iterable[RunRow]) -> list[str]:
+    """The stored metrics of these runs that no built-in column shows."""
+    names: set[str] = set()
+    for row in rows:
+        names.update(row.metrics)
+    return sorted(names - SHOWN_METRICS)
 
 
 def sort_order(ids: Sequence[int], keys: Sequence[Any], descending: bool = False) -> list[int]:
@@ -143,3 +197,40 @@ def best_values(rows: Sequence[RunRow], columns: Iterable[Column] = COLUMNS) -> 
             if value is not None:
                 best[column.key] = value
     return best
+
+
+def comparable_group(row: RunRow) -> tuple[str, str]:
+    """Runs are ranked only against runs of the same experiment and protocol."""
+    return row.experiment, row.protocol
+
+
+def best_by_group(rows: Sequence[RunRow], values: Sequence[Sequence], columns: Sequence[Column]
+                  ) -> dict[str, dict[tuple[str, str], Any]]:
+    """Per column with a direction: the best value within each (experiment, protocol) group.
+    `values[n][i]` is the value of column i for rows[n]."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for n, row in enumerate(rows):
+        groups.setdefault(comparable_group(row), []).append(n)
+    best: dict[str, dict[tuple[str, str], Any]] = {}
+    for i, column in enumerate(columns):
+        if not column.best:
+            continue
+        per_group = {}
+        for group, members in groups.items():
+            value = best_of((values[n][i] for n in members), column.best)
+            if value is not None:
+                per_group[group] = value
+        if per_group:
+            best[column.key] = per_group
+    return best
+
+
+def odd_protocols(rows: Sequence[RunRow]) -> set[int]:
+    """Runs whose protocol is not the one most runs of their experiment share (they are
+    ranked apart; the table marks them)."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        per = counts.setdefault(row.experiment, {})
+        per[row.protocol] = per.get(row.protocol, 0) + 1
+    usual = {e: max(c.items(), key=lambda kv: (kv[1], kv[0]))[0] for e, c in counts.items()}
+    return {row.id for row in rows if row.protocol != usual[row.experiment]}

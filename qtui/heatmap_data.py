@@ -9,6 +9,7 @@ the xterm 256-colour cube, so a 256-colour terminal shows exactly the same scale
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class Matrix:
     runs: list[tuple[int, str]]  # (run id, column label)
     values: dict[str, list[list[float | None]]]  # quantity -> [layer][run]
     present: list[list[bool]]  # [layer][run]: the run has a row for this layer
+    extras: list[list[dict | None]] = field(default_factory=list)  # [layer][run]: parsed `extra` JSON
 
     def quantities(self) -> list[str]:
         """Quantities that at least one run has values for (bits whenever there are layers)."""
@@ -80,6 +82,7 @@ def build_matrix(layers_by_run: dict[int, list[dict]], labels: dict[int, str]) -
         q: [[None] * len(run_ids) for _ in layers] for q in QUANTITIES
     }
     present = [[False] * len(run_ids) for _ in layers]
+    extras: list[list[dict | None]] = [[None] * len(run_ids) for _ in layers]
     for column, run_id in enumerate(run_ids):
         for row in layers_by_run[run_id]:
             i = position.get(row["name"])
@@ -88,7 +91,19 @@ def build_matrix(layers_by_run: dict[int, list[dict]], labels: dict[int, str]) -
             present[i][column] = True
             for q in QUANTITIES:
                 values[q][i][column] = row.get(q)
-    return Matrix(layers=layers, runs=[(r, labels[r]) for r in run_ids], values=values, present=present)
+            extras[i][column] = parse_extra(row.get("extra"))
+    return Matrix(layers=layers, runs=[(r, labels[r]) for r in run_ids], values=values, present=present,
+                  extras=extras)
+
+
+def parse_extra(text) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {"extra": str(text)}
+    return value if isinstance(value, dict) else {"extra": value}
 
 
 @dataclass
@@ -179,6 +194,22 @@ def make_scale(rows: list[Line], quantity: str) -> Scale | None:
     return Scale(low, high, log)
 
 
+VALUE_WIDTH = 7  # every cell text fits: "-1.2e-5", "0.00123", "1.23e+4" is "1.2e4"
+
+
+def compact(value: float) -> str:
+    """At most VALUE_WIDTH characters with the exponent kept: 1.1e-05 -> "1.1e-5"."""
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e4:
+        return f"{value:.3g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    text = f"{mantissa}e{int(exponent)}"
+    if len(text) > VALUE_WIDTH:
+        text = f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e").replace("e+", "e")
+    return text
+
+
 def cell_text(value: float | None, quantity: str, fp: bool, is_block: bool) -> str:
     if fp:
         return "FP"
@@ -186,8 +217,24 @@ def cell_text(value: float | None, quantity: str, fp: bool, is_block: bool) -> s
         return "·"
     if quantity == "bits" and not is_block and float(value).is_integer():
         return str(int(value))
-    if value == 0:
-        return "0"
-    if 1e-3 <= abs(value) < 1e4:
-        return f"{value:.3g}"
-    return f"{value:.1e}"
+    return compact(float(value))
+
+
+def sort_lines(rows: list[Line], column: int, descending: bool) -> list[Line]:
+    """Rows by their value in one run's column; missing and full-precision cells last."""
+    def key(row: Line) -> float:
+        return row.values[column]
+
+    present = [r for r in rows if r.values[column] is not None and not (r.fp and r.fp[column])]
+    missing = [r for r in rows if r.values[column] is None or (r.fp and r.fp[column])]
+    return sorted(present, key=key, reverse=descending) + missing
+
+
+def column_labels(labels: list[str], room: int) -> tuple[list[str], list[int], list[tuple[str, str]]]:
+    """The header of each run column, its width, and the legend of abbreviations (empty when
+    the full names fit in `room` columns): full names if they fit, else 1, 2, 3, ..."""
+    widths = [max(VALUE_WIDTH, len(label)) for label in labels]
+    if sum(w + 1 for w in widths) <= room or not labels:
+        return list(labels), widths, []
+    short = [str(n + 1) for n in range(len(labels))]
+    return short, [VALUE_WIDTH] * len(labels), list(zip(short, labels))

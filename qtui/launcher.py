@@ -46,11 +46,14 @@ class Launcher(threading.Thread):
         self._stopping = threading.Event()
         self.store = None
         self.options: dict | None = None  # engine.runner.launch_options, read in the thread
+        self.settings = None  # engine.settings.Settings of qtui.toml, read in the thread
 
     # ---------------------------------------------------------------- called from the UI
-    def launch(self, experiment, variants: list[str]) -> None:
-        """Queue one run per variant of an `engine.config.Experiment`."""
-        self.commands.put(("launch", experiment, list(variants)))
+    def launch(self, experiment, variants: list[str], overrides: dict | None = None,
+               executor: str | None = None) -> None:
+        """Queue one run per variant of an `engine.config.Experiment`, with the sampling keys
+        of `overrides` replacing the experiment's, on `executor` (None: qtui.toml's choice)."""
+        self.commands.put(("launch", experiment, list(variants), dict(overrides or {}), executor))
 
     def rerun(self, run_id: int) -> None:
         self.commands.put(("rerun", run_id))
@@ -93,7 +96,7 @@ class Launcher(threading.Thread):
         from engine.settings import load_settings
         from engine.store import Store
 
-        settings = load_settings(self.experiments) if self.experiments.exists() else None
+        settings = self.settings = load_settings(self.experiments) if self.experiments.exists() else None
         executor = self.executor if isinstance(self.executor, str) else (settings.executor if settings else "local")
         gpus = settings.gpus if settings is not None and executor == "local" else None
         self.options = launch_options(executor, self.max_parallel, gpus, settings)
@@ -125,11 +128,17 @@ class Launcher(threading.Thread):
         if adopt_candidates(self.store):
             self._ensure_scheduler()
 
-    def _launch(self, experiment, variants: list[str]) -> None:
-        from engine.runner import queue_runs  # the same rows `engine run` creates
+    def _launch(self, experiment, variants: list[str], overrides: dict, executor: str | None = None) -> None:
+        from engine.runner import launch_options, queue_runs  # the same rows `engine run` creates
 
-        ids = queue_runs(self.store, experiment, variants, None, self.options)
-        self.notify(f"queued {describe(ids)} of {experiment.name}: {', '.join(variants)}", False)
+        options = self.options
+        if executor is not None and executor != options["executor"]:
+            gpus = options.get("gpus") if executor == "local" else None
+            options = launch_options(executor, self.max_parallel, gpus, self.settings)
+        ids = queue_runs(self.store, experiment, variants, None, options, overrides or None)
+        settings = "".join(f", {k} {v}" for k, v in overrides.items())
+        self.notify(f"queued {describe(ids)} of {experiment.name}: {', '.join(variants)}{settings}"
+                    f" ({options['executor']})", False)
 
     def _rerun(self, run_id: int) -> None:
         from engine.executor import display_status

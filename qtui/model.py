@@ -45,13 +45,18 @@ class RunRow:
     folder: str | None = None
     config_hash: str | None = None
     metrics: dict[str, float | None] = field(default_factory=dict)
+    # From the stored config (`qtui.run_info.derive`): what the variant is and how it was run.
+    description: str = ""
+    quant: str = ""  # bits per role, as engine.methods.describe_bits says it
+    samples: int | None = None
+    protocol: str = ""  # qtui.protocol.protocol_key of the config
 
     def with_metrics(self, metrics: dict[str, float | None]) -> "RunRow":
         """A copy with these metrics (dataclasses.replace is several times slower)."""
         return RunRow(
             self.id, self.experiment, self.variant, self.status, self.created_at, self.started_at,
             self.finished_at, self.heartbeat_at, self.error, self.host, self.pid, self.folder,
-            self.config_hash, metrics,
+            self.config_hash, metrics, self.description, self.quant, self.samples, self.protocol,
         )
 
     def metric(self, name: str) -> float | None:

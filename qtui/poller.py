@@ -38,6 +38,9 @@ class Poller:
         self.runs_dir = Path(runs_dir)
         self.timeout = timeout
         self.is_lost = is_lost  # engine.executor.is_lost once it is imported
+        # Runs whose worker this process started: when such a worker dies, the launcher reaps
+        # it and records why, so the run goes straight from running to failed, never "lost".
+        self.owned: Callable[[int], bool] = lambda run_id: False
         self.reader: Reader | None = None
         self.error: str | None = None
         self._reset_state()
@@ -235,6 +238,7 @@ class PollerThread(threading.Thread):
         super().__init__(name="qtui-poller", daemon=True)
         self.runs_dir, self.interval, self.prepare = Path(runs_dir), interval, prepare
         self.post: Callable[[Snapshot], None] | None = None
+        self.owned: Callable[[int], bool] = lambda run_id: False  # see Poller.owned
         self.applied = threading.Event()  # set by the UI when it has applied a snapshot
         self._attached = threading.Event()
         self._wake = threading.Event()
@@ -256,6 +260,7 @@ class PollerThread(threading.Thread):
 
     def run(self) -> None:
         poller = Poller(self.runs_dir)
+        poller.owned = lambda run_id: self.owned(run_id)
         lost_check_loaded = False
         try:
             while not self._stopping.is_set():

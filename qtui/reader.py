@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from qtui.model import Progress, RunRow
+from qtui.run_info import derive
 
 DB_NAME = "qtui.db"  # engine.store.DB_NAME; repeated to keep sqlite-utils out of start-up
 KNOWN_SCHEMA = 2  # engine.store.SCHEMA_VERSION
 RUN_COLUMNS = (  # in the order of RunRow's fields
     "id, coalesce(experiment, ''), coalesce(variant, ''), coalesce(status, 'queued'), created_at, "
-    "started_at, finished_at, heartbeat_at, error, host, pid, folder, config_hash"
+    "started_at, finished_at, heartbeat_at, error, host, pid, folder, config_hash, config"
 )
 CHUNK = 500
 ENGINE_TABLES = {"meta", "runs", "metrics", "layers", "artifacts", "events"}
@@ -44,6 +45,11 @@ def chunks(ids: Iterable[int], size: int = CHUNK) -> Iterator[list[int]]:
 
 def marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def run_row(r: tuple) -> RunRow:
+    """A row of RUN_COLUMNS as a RunRow, with what its config says (the last column)."""
+    return RunRow(*r[:-1], {}, *derive(r[-1]))
 
 
 class Reader:
@@ -116,7 +122,7 @@ class Reader:
     # ---------------------------------------------------------------- runs
     def runs_after(self, max_id: int, metrics: bool = True) -> list[RunRow]:
         rows = self.query(f"select {RUN_COLUMNS} from runs where id > ? order by id", [max_id], plain=True)
-        runs = [RunRow(*r) for r in rows]
+        runs = [run_row(r) for r in rows]
         return self._with_metrics(runs, all_metrics=max_id == 0) if metrics else runs
 
     def all_metrics(self) -> dict[int, dict[str, float | None]]:
@@ -132,7 +138,7 @@ class Reader:
         out: list[RunRow] = []
         for batch in chunks(ids):
             sql = f"select {RUN_COLUMNS} from runs where id in ({marks(len(batch))})"
-            out.extend(RunRow(*r) for r in self.query(sql, batch, plain=True))
+            out.extend(run_row(r) for r in self.query(sql, batch, plain=True))
         return self._with_metrics(out)
 
     def run_states(self, ids: Iterable[int]) -> dict[int, tuple]:
@@ -214,13 +220,24 @@ class Reader:
     def layers(self, run_id: int) -> list[dict]:
         return [dict(r) for r in self.query("select * from layers where run_id = ? order by idx", [run_id])]
 
+    def run_record(self, run_id: int) -> dict | None:
+        """Every stored column of a run (config, commit, versions, executor, ...)."""
+        rows = self.query("select * from runs where id = ?", [run_id])
+        return dict(rows[0]) if rows else None
+
+    def metrics(self, run_id: int) -> dict[str, float | None]:
+        return {r[0]: r[1] for r in self.query("select name, value from metrics where run_id = ?", [run_id])}
+
     def artifacts(self, run_id: int) -> list[dict]:
         return [dict(r) for r in self.query("select * from artifacts where run_id = ? order by id", [run_id])]
 
-    def comparison(self, experiment: str) -> dict | None:
+    def comparison(self, experiment: str, run_id: int | None = None) -> dict | None:
+        """The side-by-side grid that this run's completion drew (it holds the run), else the
+        experiment's latest."""
         rows = self.query(
             "select a.* from artifacts a join runs r on r.id = a.run_id "
-            "where r.experiment = ? and a.kind = 'comparison' order by a.id desc limit 1",
-            [experiment],
+            "where r.experiment = ? and a.kind = 'comparison' "
+            "order by (a.run_id = ?) desc, a.id desc limit 1",
+            [experiment, run_id if run_id is not None else -1],
         )
         return dict(rows[0]) if rows else None

@@ -119,10 +119,13 @@ def add_run(
     pid: int | None = None,
     log: str | None = None,
     times: tuple[str | None, str | None] = (T0, T1),
+    config: dict | None = None,
 ) -> int:
-    config = {"experiment": experiment, "variant": variant}
+    config = config or {"experiment": experiment, "variant": variant}
     run_id = store.create_run(experiment, variant, config, f"hash-{experiment}-{variant}")
     update = {"status": status, "created_at": T0, "error": error}
+    if status in ("done", "failed", "cancelled"):
+        update["host"] = "lab-01"  # the same on every machine (snapshots show it)
     if status != "queued":
         update["started_at"] = times[0]
         update["pid"] = pid
@@ -143,6 +146,20 @@ def add_run(
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "worker.log").write_text(log)
     return run_id
+
+
+def config_for(experiment: str, variant: str, bits: dict | None, samples: int = 64, seed: int = 0,
+               description: str = "") -> dict:
+    """A run config shaped as `engine.config.Experiment.run_config` writes it."""
+    return {
+        "experiment": experiment, "variant": variant, "description": description,
+        "model": {"id": "tiny-model", "path": "models/tiny-model"},
+        "feature_model": {"id": "tiny-model", "path": "models/tiny-model"},
+        "method": "none" if bits is None else "rtn",
+        "params": {} if bits is None else {"bits": bits, "symmetric": True},
+        "sampling": {"samples": samples, "steps": 5, "guidance": 1.0, "seed": seed, "batch_size": 250},
+        "eval": {"bootstrap": 200},
+    }
 
 
 def metrics_for(fid: float, acc: float, bits: float, size: int, latency: float, clip: float | None = None) -> dict:
@@ -195,18 +212,22 @@ def fill_demo(runs_dir: Path, with_images: bool = True) -> dict[str, int]:
             store, "digits-rtn", variant, metrics=metrics_for(fid, acc, mean_bits, size, latency),
             layers=fake_layers(bits, seed=len(ids)), artifacts=artifacts,
             log=DEMO_LOG if variant == "fp32" else None,
+            config=config_for("digits-rtn", variant, bits, description=f"every layer {variant}"),
         )
     if with_images:
         comparison = write_png(runs_dir / "comparison.png", size=48, seed=7)
         store.add_artifact(ids["w2"], "comparison", str(comparison))
+    w2 = {"conv": 2, "attention": 2, "linear": 2}
+    mixed_a, mixed_b = {"attention": 8, "conv": 4, "linear": 8}, {"attention": 4, "conv": 8, "linear": 4}
     ids["failed"] = add_run(store, "digits-rtn", "w2", status="failed",
                             error="worker exited with code 1: RuntimeError: out of memory",
-                            log="Traceback (most recent call last):\nRuntimeError: out of memory\n")
+                            log="Traceback (most recent call last):\nRuntimeError: out of memory\n",
+                            config=config_for("digits-rtn", "w2", w2, description="every layer w2"))
     ids["mixed-a"] = add_run(store, "digits-mixed", "attn8-conv4",
                              metrics=metrics_for(4.10, 0.88, 5.2, 700_000, 4.9, clip=0.31),
-                             layers=fake_layers({"conv": 4, "attention": 8, "linear": 8}))
+                             layers=fake_layers(mixed_a), config=config_for("digits-mixed", "attn8-conv4", mixed_a))
     ids["mixed-b"] = add_run(store, "digits-mixed", "conv8-attn4", status="cancelled",
-                             error="cancelled by the user")
+                             error="cancelled by the user", config=config_for("digits-mixed", "conv8-attn4", mixed_b))
     store.close()
     return ids
 

@@ -147,7 +147,10 @@ def test_matrix_aligns_layers_by_name_and_collapses_blocks():
     assert scale.index(0.0) == 0 and scale.index(0.2) == 7
     assert cell_text(4.0, "bits", False, False) == "4"
     assert cell_text(None, "bits", True, False) == "FP"
-    assert cell_text(1.2e-5, "weight_err", False, False) == "1.2e-05"
+    assert cell_text(1.2e-5, "weight_err", False, False) == "1.2e-5"  # the exponent stays readable
+    for value in (1.23456e-5, -9.87e-12, 3.3e150, -4.4e-150, 12345.6, 0.000999, 0.5, 1e-3):
+        text = cell_text(value, "fisher", False, False)
+        assert len(text) <= 7 and float(text) == pytest.approx(value, rel=0.06), (value, text)
 
 
 def test_scale_goes_logarithmic_over_wide_ranges():
@@ -196,3 +199,85 @@ def test_importing_the_app_pulls_in_nothing_heavy():
     heavy = {"torch", "diffusers", "numpy", "sqlite_utils", "PIL", "scipy", "engine.store", "engine.config"}
     assert not modules & heavy, sorted(modules & heavy)
     assert "textual.app" in modules and "qtui.app" in modules
+
+
+# ---------------------------------------------------------------- configs and protocols
+def test_config_toml_round_trips():
+    import tomllib
+
+    from qtui.toml_text import to_toml
+    from qtui_helpers import config_for
+
+    config = config_for("e", "B", {"conv": 4, "attention": 8}, description='quote " and ü')
+    config["params"]["calibration"] = {"samples": 32, "seed": 1}
+    config["params"]["groups"] = [[1, 2], [3]]
+    config["eval"]["weight"] = float("inf")
+    config["missing"] = None
+    back = tomllib.loads(to_toml(config))
+    del config["missing"]
+    assert back == config
+    assert "# missing is not set" in to_toml({"missing": None})
+
+
+def test_protocol_key_separates_what_changes_numbers():
+    from qtui.protocol import describe_protocol, protocol_key
+    from qtui_helpers import config_for
+
+    a = config_for("e", "A", {"conv": 4}, samples=1000)
+    b = config_for("e", "B", {"conv": 8}, samples=1000, description="other words")
+    b["sampling"]["batch_size"] = 50  # batch size changes no number
+    assert protocol_key(a) == protocol_key(b) != ""
+    for change in ({"samples": 100}, {"seed": 1}, {"steps": 50}, {"guidance": 2.0}):
+        c = config_for("e", "A", {"conv": 4}, samples=1000)
+        c["sampling"].update(change)
+        assert protocol_key(c) != protocol_key(a), change
+    d = config_for("e", "A", {"conv": 4}, samples=1000)
+    d["model"]["id"] = "other-model"
+    assert protocol_key(d) != protocol_key(a)
+    assert protocol_key({}) == "" and protocol_key({"experiment": "e"}) == ""
+    assert describe_protocol(a) == "n=1000 seed 0 · 5 steps · guidance 1.0 · tiny-model / tiny-model"
+
+
+def test_run_info_from_stored_configs():
+    import json
+
+    from qtui.run_info import derive
+    from qtui_helpers import config_for
+
+    text = json.dumps(config_for("e", "B", {"conv": 4, "attention": 8, "linear": 4}, samples=100,
+                                 description="conv W4, attention W8"))
+    description, quant, samples, protocol = derive(text)
+    assert (description, quant, samples) == ("conv W4, attention W8", "conv W4, attention W8, linear W4", 100)
+    assert len(protocol) == 8
+    assert derive(None) == ("", "", None, "") and derive("not json")[:3] == ("", "", None)
+    assert derive(json.dumps({"method": "nonexistent"}))[1] == "nonexistent"
+
+
+def test_heatmap_column_names_fit_or_are_numbered_with_a_legend():
+    from qtui.heatmap_data import column_labels, sort_lines
+
+    names = ["fp", "gptq-w4a8", "gptq-w4a8-act-order"]
+    labels, widths, legend = column_labels(names, 80)
+    assert labels == names and widths == [7, 9, 19] and legend == []
+    labels, widths, legend = column_labels(names, 30)
+    assert labels == ["1", "2", "3"] and widths == [7, 7, 7] and legend == list(zip(labels, names))
+    m = build_matrix({1: [{"name": "a", "role": "conv", "params": 1, "bits": 4, "weight_err": 0.3},
+                          {"name": "b", "role": "conv", "params": 1, "bits": None, "weight_err": None},
+                          {"name": "c", "role": "conv", "params": 1, "bits": 8, "weight_err": 0.01}]},
+                     {1: "A"})
+    rows = lines(m, "weight_err", set())
+    assert [r.label for r in sort_lines(rows, 0, True)] == ["a", "c", "b"]  # missing last
+    assert [r.label for r in sort_lines(rows, 0, False)] == ["c", "a", "b"]
+    bits = lines(m, "bits", set())
+    assert [r.label for r in sort_lines(bits, 0, True)] == ["c", "a", "b"]  # FP last, not as 32
+
+
+def test_heatmap_columns_keep_to_the_highlighted_runs_protocol():
+    from qtui.components.heatmap_screen import pick_columns
+
+    runs = [RunRow(1, "e", "fp", "done", protocol="p1000"), RunRow(2, "e", "A", "done", protocol="p1000"),
+            RunRow(3, "e", "A", "done", protocol="p100"), RunRow(4, "e", "B", "done", protocol="p100")]
+    every = {1, 2, 3, 4}
+    assert [r.id for r in pick_columns(runs, every, ["fp", "A", "B"], prefer=3)] == [3, 4]
+    assert [r.id for r in pick_columns(runs, every, ["fp", "A", "B"], prefer=2)] == [1, 2]
+    assert [r.id for r in pick_columns(runs, every, ["fp", "A", "B"], prefer=None)] == [1, 3, 4]

@@ -65,6 +65,31 @@ def test_heatmap_screen(snap_compare, demo, size):
     assert snap_compare(app(), terminal_size=size, run_before=run_before)
 
 
+@pytest.mark.parametrize("size", SIZES)
+def test_details_screen(snap_compare, demo, size):
+    async def run_before(pilot):
+        from qtui.components.details_screen import DetailsScreen
+
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(demo["w4"])
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(pilot.app.screen, DetailsScreen) and pilot.app.screen.sections)
+
+    assert snap_compare(app(), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_heatmap_sorted_with_layer_details(snap_compare, demo, size):
+    async def run_before(pilot):
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(demo["w4"])
+        await pilot.press("h")
+        await until(pilot, lambda: pilot.app.screen.query(Heatmap))
+        await pilot.press("n", "right", "right", "s", "down", "enter")
+
+    assert snap_compare(app(), terminal_size=size, run_before=run_before)
+
+
 def test_samples_screen(snap_compare, demo):
     async def run_before(pilot):
         await loaded(pilot)

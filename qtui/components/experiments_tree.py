@@ -18,6 +18,7 @@ from textual.widgets.tree import TreeNode
 
 from qtui.messages import ExperimentChosen
 from qtui.model import RunRow
+from qtui.run_info import quant_label
 
 STATUS_STYLES = {
     "queued": "blue",
@@ -38,9 +39,10 @@ class NodeData:
 
 class ExperimentsTree(Tree[NodeData]):
     BINDINGS = [
-        Binding("space", "mark", "Mark"),
-        Binding("l", "app.launch", "Launch"),
-        Binding("enter", "select_cursor", "Filter"),
+        Binding("space", "mark", "Mark", tooltip="Mark the variant (or all variants of the experiment) "
+                "to launch together"),
+        Binding("enter", "select_cursor", "Filter", tooltip="Show only the runs of this experiment "
+                "(on the root: all)"),
     ]
 
     def __init__(self, label: str = "experiments.toml", **kwargs) -> None:
@@ -81,6 +83,13 @@ class ExperimentsTree(Tree[NodeData]):
             self._rebuild()
         else:
             self._relabel()
+
+    def bits_label(self, experiment: str, variant: str) -> str:
+        """The variant's bits per role ("conv W4, attention W8"), from the catalogue."""
+        if not self._in_catalogue(experiment, variant):
+            return ""
+        v = self.catalogue.experiments[experiment].variants[variant]
+        return quant_label({"method": v.method, "params": v.params})
 
     def _in_catalogue(self, experiment: str, variant: str | None = None) -> bool:
         if self.catalogue is None or experiment not in self.catalogue.experiments:
@@ -141,6 +150,9 @@ class ExperimentsTree(Tree[NodeData]):
                 run = self.latest.get((experiment, variant))
                 if run is not None:
                     label.append(f" {run.status}", style=STATUS_STYLES.get(run.status, ""))
+                bits = self.bits_label(experiment, variant) or (run.quant if run is not None else "")
+                if bits:
+                    label.append(f" {bits}", style="dim")
             node.set_label(label)
 
     # ---------------------------------------------------------------- choices

@@ -1,7 +1,8 @@
 """The heatmap screen: one experiment's layers against its runs, with a legend.
 
-The columns are the latest run with layer data of each variant (the highlighted run stands
-in for its variant). Layer rows are read in a thread; the legend follows the quantity.
+The columns start as the latest run with layer data of each variant (the highlighted run
+stands in for its variant); `c` chooses any runs of the experiment instead. Layer rows are
+read in a thread; the legend follows the quantity. Enter on a layer shows its details.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ from qtui.reader import Reader
 def pick_columns(runs: list[RunRow], with_layers: set[int], variant_order: list[str],
                  prefer: int | None) -> list[RunRow]:
     """Per variant: the preferred run if it has layers, else its latest done run with layers,
-    else its latest run with layers. Ordered as the catalogue lists the variants."""
+    else its latest run with layers; only runs of the preferred run's protocol, when there is
+    one. Ordered as the catalogue lists the variants."""
     chosen: dict[str, RunRow] = {}
+    protocol = next((r.protocol for r in runs if r.id == prefer), None)
+    if protocol is not None:
+        runs = [r for r in runs if r.protocol == protocol]
     for run in sorted(runs, key=lambda r: r.id):
         if run.id not in with_layers:
             continue
@@ -38,6 +43,14 @@ def pick_columns(runs: list[RunRow], with_layers: set[int], variant_order: list[
             chosen[run.variant] = run
     rank = {v: i for i, v in enumerate(variant_order)}
     return sorted(chosen.values(), key=lambda r: (rank.get(r.variant, len(rank)), r.variant))
+
+
+def run_labels(columns: list[RunRow]) -> dict[int, str]:
+    """Column names: the variant, with its run id where a variant has several columns."""
+    counts: dict[str, int] = {}
+    for run in columns:
+        counts[run.variant] = counts.get(run.variant, 0) + 1
+    return {run.id: run.variant if counts[run.variant] == 1 else f"{run.variant} #{run.id}" for run in columns}
 
 
 def legend(quantity: str, scale: Scale | None, has_fp: bool) -> Text:
@@ -69,8 +82,9 @@ def legend(quantity: str, scale: Scale | None, has_fp: bool) -> Text:
 
 class HeatmapScreen(Screen[None]):
     BINDINGS = [
-        Binding("escape", "app.pop_screen", "Back"),
-        Binding("h", "app.pop_screen", "Back", show=False),
+        Binding("escape", "app.pop_screen", "Back", tooltip="Back to the runs"),
+        Binding("c", "choose_runs", "Runs", tooltip="Choose the runs shown as columns (any runs of the "
+                "experiment with per-layer data)"),
     ]
 
     def __init__(self, runs_dir: Path, experiment: str, runs: list[RunRow],
@@ -79,6 +93,8 @@ class HeatmapScreen(Screen[None]):
         self.runs_dir, self.experiment, self.runs = runs_dir, experiment, runs
         self.variant_order, self.prefer = variant_order, prefer
         self.matrix: Matrix | None = None
+        self.columns: list[RunRow] = []
+        self.with_layers: set[int] = set()
 
     def compose(self) -> ComposeResult:
         with Vertical(id="heatmap-box"):
@@ -90,39 +106,79 @@ class HeatmapScreen(Screen[None]):
         self.load()
 
     @work(thread=True, exclusive=True, exit_on_error=False)
-    def load(self) -> None:
+    def load(self, chosen: list[int] | None = None) -> None:
         try:
             reader = Reader(self.runs_dir)
             try:
                 with_layers = reader.layer_runs(self.experiment)
-                columns = pick_columns(self.runs, with_layers, self.variant_order, self.prefer)
+                if chosen is None:
+                    columns = pick_columns(self.runs, with_layers, self.variant_order, self.prefer)
+                else:
+                    by_id = {run.id: run for run in self.runs}
+                    columns = [by_id[i] for i in chosen if i in by_id and i in with_layers]
                 layers = {run.id: reader.layers(run.id) for run in columns}
             finally:
                 reader.close()
         except Exception as exc:
             self.app.call_from_thread(self._problem, f"cannot read layers: {exc}")
             return
+        self.with_layers = with_layers
         if not columns:
             self.app.call_from_thread(
                 self._problem, f"{self.experiment} has no run with per-layer data yet"
+                if not with_layers else "no run chosen: press c to choose runs"
             )
             return
-        matrix = build_matrix(layers, {run.id: run.variant for run in columns})
+        matrix = build_matrix(layers, run_labels(columns))
         self.app.call_from_thread(self._show, matrix, columns)
 
     def _problem(self, message: str) -> None:
         self.query_one("#heatmap-title", Static).update(Text(message, style="bold yellow"))
+        for old in self.query(Heatmap):
+            old.remove()
 
-    def _show(self, matrix: Matrix, columns: list[RunRow]) -> None:
-        self.matrix = matrix
-        names = ", ".join(f"{run.variant}=#{run.id}" for run in columns)
+    async def _show(self, matrix: Matrix, columns: list[RunRow]) -> None:
+        self.matrix, self.columns = matrix, columns
+        names = ", ".join(label if label.endswith(f"#{run_id}") else f"{label}=#{run_id}"
+                          for run_id, label in matrix.runs)
         title = Text(f"{self.experiment}: {len(matrix.layers)} layers × {len(columns)} runs", style="bold")
         title.append(f"  ({names})", style="dim")
         self.query_one("#heatmap-title", Static).update(title)
+        previous = list(self.query(Heatmap))
         heatmap = Heatmap(matrix, id="heatmap")
-        self.query_one("#heatmap-box").mount(heatmap, before="#heatmap-legend")
+        if previous and previous[0].quantity in matrix.quantities():
+            heatmap.set_reactive(Heatmap.quantity, previous[0].quantity)
+        for old in previous:
+            await old.remove()
+        await self.query_one("#heatmap-box").mount(heatmap, before="#heatmap-legend")
         heatmap.focus()
 
     def on_heatmap_changed(self, event: Heatmap.Changed) -> None:
-        has_fp = event.quantity == "bits" and any(any(r.fp) for r in self.query_one(Heatmap).rows)
-        self.query_one("#heatmap-legend", Static).update(legend(event.quantity, event.scale, has_fp))
+        heatmap = self.query_one(Heatmap)
+        has_fp = event.quantity == "bits" and any(any(r.fp) for r in heatmap.rows)
+        text = legend(event.quantity, event.scale, has_fp)
+        text.append(f"  · layers in {event.sort}", style="dim")
+        if event.abbreviations:
+            text.append("\ncolumns: ", style="bold")
+            text.append("  ".join(f"{short} = {name}" for short, name in event.abbreviations))
+        self.query_one("#heatmap-legend", Static).update(text)
+
+    def on_heatmap_layer_chosen(self, event: Heatmap.LayerChosen) -> None:
+        from qtui.components.layer_screen import LayerScreen
+
+        if self.matrix is not None:
+            by_id = {run.id: run for run in self.columns}
+            self.app.push_screen(LayerScreen(self.matrix, event.layer_index, by_id))
+
+    def action_choose_runs(self) -> None:
+        from qtui.components.runs_picker import RunsPicker
+
+        candidates = sorted((r for r in self.runs if r.id in self.with_layers), key=lambda r: r.id)
+        chosen = [run.id for run in self.columns]
+        self.app.push_screen(RunsPicker(f"Runs of {self.experiment} in the heatmap", candidates, chosen),
+                             self._runs_chosen)
+
+    def _runs_chosen(self, chosen: list[int] | None) -> None:
+        if chosen is not None:
+            self.query_one("#heatmap-title", Static).update(f"Per-layer heatmap of {self.experiment}: loading…")
+            self.load(chosen)

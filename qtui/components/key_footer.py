@@ -12,7 +12,7 @@ from textual.widgets import Footer
 
 
 class KeyFooter(Footer):
-    COLUMNS = 5
+    COLUMNS = 7
 
     def compose(self) -> ComposeResult:
         yield from super().compose()

@@ -46,7 +46,8 @@ class LogPane(ScrollView, can_focus=True):
             self.border_title = "Log"
             self.border_subtitle = ""
             return
-        self.border_title = Text(f"Log #{run.id} {run.experiment}/{run.variant} · {run.status}")
+        what = f" ({run.description})" if run.description else ""
+        self.border_title = Text(f"Log #{run.id} {run.experiment}/{run.variant}{what} · {run.status}")
         self.border_subtitle = Text((run.error or "")[:200])
 
     def clear(self) -> None:
