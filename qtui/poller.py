@@ -12,12 +12,15 @@ before polling again, so snapshots never pile up however fast workers write.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from qtui.model import ACTIVE, Progress, RunRow
 from qtui.reader import DatabaseError, DatabaseMissing, Reader
+
+LOST_CONFIRM_SECONDS = 2.0  # how long a run must look lost before it is shown lost
 
 LostCheck = Callable[[dict], bool]
 
@@ -38,9 +41,11 @@ class Poller:
         self.runs_dir = Path(runs_dir)
         self.timeout = timeout
         self.is_lost = is_lost  # engine.executor.is_lost once it is imported
-        # Runs whose worker this process started: when such a worker dies, the launcher reaps
-        # it and records why, so the run goes straight from running to failed, never "lost".
-        self.owned: Callable[[int], bool] = lambda run_id: False
+        # When a worker dies, the scheduler that started it reaps it and records why within a
+        # fraction of a second; a run is shown lost only when it still looks lost that much
+        # later, so a killed worker goes straight from running to failed.
+        self.lost_confirm = LOST_CONFIRM_SECONDS
+        self._looks_lost: dict[int, float] = {}
         self.reader: Reader | None = None
         self.error: str | None = None
         self._reset_state()
@@ -186,9 +191,16 @@ class Poller:
         Returns whether any run became lost (or came back)."""
         flipped = False
         if self.is_lost is not None:
+            now = time.monotonic()
+            for run_id in set(self._looks_lost) - set(self.running):
+                del self._looks_lost[run_id]
             for run_id, run in self.running.items():
-                lost = self.is_lost({"status": "running", "host": run.host, "pid": run.pid,
-                                     "heartbeat_at": run.heartbeat_at})
+                looks = self.is_lost({"status": "running", "host": run.host, "pid": run.pid,
+                                      "heartbeat_at": run.heartbeat_at})
+                if not looks:
+                    self._looks_lost.pop(run_id, None)
+                since = self._looks_lost.setdefault(run_id, now) if looks else now
+                lost = looks and now - since >= self.lost_confirm
                 if lost != (run_id in self.lost):
                     (self.lost.add if lost else self.lost.discard)(run_id)
                     changed.setdefault(run_id, run)
@@ -238,7 +250,6 @@ class PollerThread(threading.Thread):
         super().__init__(name="qtui-poller", daemon=True)
         self.runs_dir, self.interval, self.prepare = Path(runs_dir), interval, prepare
         self.post: Callable[[Snapshot], None] | None = None
-        self.owned: Callable[[int], bool] = lambda run_id: False  # see Poller.owned
         self.applied = threading.Event()  # set by the UI when it has applied a snapshot
         self._attached = threading.Event()
         self._wake = threading.Event()
@@ -260,7 +271,6 @@ class PollerThread(threading.Thread):
 
     def run(self) -> None:
         poller = Poller(self.runs_dir)
-        poller.owned = lambda run_id: self.owned(run_id)
         lost_check_loaded = False
         try:
             while not self._stopping.is_set():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import time
 import sys
 
 from engine.executor import is_lost
@@ -95,6 +96,9 @@ def test_running_run_with_dead_process_is_lost(tmp_path):
     assert poller.poll().runs[0].status == "running"  # lost check not loaded yet
     assert poller.poll().runs == []  # no metrics to fill in
     poller.is_lost = is_lost
+    poller.lost_confirm = 0.3  # a run must look lost that long (its scheduler records a death first)
+    assert poller.poll() is None  # looks lost: not shown yet
+    time.sleep(0.35)
     snap = poller.poll()
     assert [(r.id, r.status) for r in snap.runs] == [(run_id, "lost")]
     assert poller.poll() is None
