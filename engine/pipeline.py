@@ -51,7 +51,7 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
                        fp32_bytes=fp32_bytes, progress=reporter.progress)
     result = quantize_model(ctx)
     if result.packed is None:
-        size = fp32_bytes
+        size, metrics["bits_per_weight"] = fp32_bytes, None
     else:
         path = folder / CHECKPOINT_FILE
         size = store_and_reload(model.denoiser, result.packed, result.half, path)

@@ -46,7 +46,7 @@ async def test_queue_screen_reorders_and_cancels(tmp_path, monkeypatch):
             tree = app.experiments_tree
             tree.focus()
             tree.move_to("digits-rtn", "fp32")
-            await pilot.press("space", "space", "space", "l")  # fp32, w8, w4: one runs, two wait
+            await pilot.press("space", "space", "space", "l", "ctrl+s")  # fp32, w8, w4: one runs, two wait
             await wait_for(pilot, lambda: len(queued_runs(store)) == 2 and store.runs(status="running"),
                            what="one running, two waiting")
             running = store.runs(status="running")[0]["id"]

@@ -34,6 +34,8 @@ LOG_LINES = 400
 KNOWN_COLUMNS = {
     "id", "experiment", "variant", "status", "config", "config_hash", "created_at", "started_at",
     "finished_at", "heartbeat_at", "error", "git_commit", "host", "pid", "executor", "versions", "folder",
+    # the scheduler's bookkeeping (engine.queue_store): how a run waits and is claimed, not what it is
+    "queue_pos", "batch", "launch", "claimed_by", "claimed_at", "cancel_requested", "ingested",
 }
 
 
