@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from engine.data.digits import eval_labels, load_digits_16, prompt_for
-from engine.evaluate import evaluate_samples, reference_stats
+from engine.data.digits import eval_labels, prompt_for
+from engine.evaluate import EVAL_FILE, Evaluator
 from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, to_uint8
-from engine.models.loader import load_feature_model, load_text_to_image
+from engine.models.loader import load_text_to_image
 from engine.quant import RTNConfig, load_packed, quantizable_layers, quantize_, save_packed
 from engine.quant.calibration_hessians import CALIBRATION_FILE
 from engine.quant.gptq_method import needs_calibration
@@ -115,7 +115,8 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
 
     reporter.progress("load", 0, 2, "loading models")
     model = load_text_to_image(config["model"]["path"])
-    classifier = load_feature_model(config["feature_model"]["path"], model.device)
+    reporter.progress("load", 1, 2, "feature model, reference statistics, CLIP")
+    evaluator = Evaluator.from_config(config, model.device, store.runs_dir / "cache")
     reporter.progress("load", 2, 2)
     fp32_bytes = dense_bytes(model.denoiser, torch.float32)
     fp16_bytes = dense_bytes(model.denoiser, torch.float16)
@@ -150,12 +151,10 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
         torch.cuda.synchronize()
     latency_ms = (time.time() - start) * 1000 / n
 
-    reporter.progress("metrics", 0, 1, "FID and prompt accuracy")
-    real, _ = load_digits_16()
-    ref, floor = reference_stats(classifier, real.to(model.device))
-    metrics = evaluate_samples(classifier, images, labels, ref, config["eval"]["bootstrap"], sampling["seed"])
+    reporter.progress("metrics", 0, 1, "FID, prompt accuracy, CLIP score")
+    metrics = evaluator.evaluate(images, prompts, labels, folder, config["eval"]["bootstrap"], sampling["seed"])
+    store.add_artifact(run_id, "eval", folder / EVAL_FILE)
     metrics.update(
-        fid_floor=floor,
         size_bytes=size,
         size_ratio=size / fp32_bytes,
         size_fp32_bytes=fp32_bytes,
