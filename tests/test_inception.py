@@ -47,13 +47,12 @@ def ours(inception_home):
 
 
 def test_features_equal_pytorch_fids_model_and_preprocessing(pf_model, ours):
-    torch.set_num_threads(2)
     rng = np.random.default_rng(0)
-    u8 = rng.integers(0, 256, (3, 3, 20, 28), dtype=np.uint8)
+    u8 = rng.integers(0, 256, (2, 3, 20, 28), dtype=np.uint8)
     with torch.no_grad():
         expected = pf_model(torch.from_numpy(u8).float() / 255)[0].squeeze(3).squeeze(2).double().numpy()
     got = ours.extract_uint8(u8)
-    assert got.shape == (3, 2048)
+    assert got.shape == (2, 2048)
     np.testing.assert_array_equal(got, expected)
     # the random weights give usable (not vanishing) features
     assert 1e-3 < np.abs(got).mean() < 10
@@ -71,7 +70,7 @@ def test_folder_statistics_equal_pytorch_fids_and_npz_round_trip(tmp_path, pf_mo
 
     from engine.metrics.reference import folder_features, load_stats, save_stats, stats_with_floor
 
-    a = _write_pngs(tmp_path / "a", 5, seed=1)
+    a = _write_pngs(tmp_path / "a", 3, seed=1)
     (a / "notes.txt").write_text("not an image")
     mu_pf, sigma_pf = compute_statistics_of_path(str(a), pf_model, batch_size=2, dims=2048, device="cpu",
                                                  num_workers=0)
@@ -88,10 +87,10 @@ def test_folder_statistics_equal_pytorch_fids_and_npz_round_trip(tmp_path, pf_mo
 def test_folder_reference_is_cached_by_content(tmp_path, ours, monkeypatch):
     from engine.metrics import reference
 
-    folder = _write_pngs(tmp_path / "ref", 4, seed=2, size=(16, 16))
+    folder = _write_pngs(tmp_path / "ref", 3, seed=2, size=(16, 16))
     first = reference.load_reference(str(folder), ours, tmp_path / "cache")
     calls = []
-    monkeypatch.setattr(reference, "folder_features", lambda *a, **k: calls.append(1) or np.zeros((4, 2048)))
+    monkeypatch.setattr(reference, "folder_features", lambda *a, **k: calls.append(1) or np.zeros((3, 2048)))
     again = reference.load_reference(str(folder), ours, tmp_path / "cache")
     assert calls == [] and np.array_equal(first.stats.sigma, again.stats.sigma) and first.id == again.id
     _write_pngs(folder, 1, seed=3, size=(16, 16))  # img00.png changes: recomputed
