@@ -3,6 +3,7 @@ configuration errors for feature model, reference and CLIP model (torch-free, Co
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -17,8 +18,12 @@ from tests.conftest import TINY_TOML
 
 def _catalogue(tmp_path, tiny_models, **keys):
     text = TINY_TOML.format(model=tiny_models["model"], classifier=tiny_models["classifier"])
-    extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in keys.items())
-    text = text.replace("bootstrap = 10\n", "bootstrap = 10\n" + extra, 1)
+    for key, value in keys.items():
+        line = f'{key} = "{value}"\n'
+        if re.search(rf"^{key} = ", text, re.M):
+            text = re.sub(rf"^{key} = .*\n", line, text, count=1, flags=re.M)
+        else:
+            text = text.replace("bootstrap = 10\n", "bootstrap = 10\n" + line, 1)
     path = tmp_path / "experiments.toml"
     path.write_text(text)
     return path
