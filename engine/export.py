@@ -22,7 +22,8 @@ COLUMNS = [
     ("fid", "FID", "{:.2f}"),
     ("fid_ci", "95% CI", "{}"),
     ("prompt_acc", "prompt acc", "{:.3f}"),
-    ("clip_score", "CLIP", "{:.3f}"),
+    ("clip_score", "CLIP", "{:.2f}"),
+    ("clip_ci", "CLIP 95% CI", "{}"),
     ("size_mb", "size MB", "{:.3f}"),
     ("size_ratio", "xFP32", "{:.3f}"),
     ("reduction_pct", "reduction %", "{:.1f}"),
@@ -59,6 +60,9 @@ def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] 
                 "fid_ci": f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else None,
                 "prompt_acc": r.get("prompt_acc"),
                 "clip_score": r.get("clip_score"),
+                "clip_score_ci_low": r.get("clip_score_ci_low"),
+                "clip_score_ci_high": r.get("clip_score_ci_high"),
+                "clip_ci": _interval(r.get("clip_score_ci_low"), r.get("clip_score_ci_high")),
                 "size_mb": size / 1e6 if size is not None else None,
                 "size_ratio": ratio,
                 "reduction_pct": (1 - ratio) * 100 if ratio is not None else None,
@@ -76,6 +80,10 @@ def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] 
     return rows
 
 
+def _interval(low, high) -> str | None:
+    return f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else None
+
+
 def visible_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     """Drop columns that no row has (for example CLIP on the digits default)."""
     return [c for c in COLUMNS if any(row.get(c[0]) is not None for row in rows)] or COLUMNS[:4]
@@ -87,7 +95,8 @@ def cell(row: dict, key: str, fmt: str) -> str:
 
 
 def to_csv(rows: list[dict]) -> str:
-    keys = [c[0] for c in COLUMNS if c[0] != "fid_ci"] + ["fid_floor", "error"]
+    keys = [c[0] for c in COLUMNS if c[0] not in ("fid_ci", "clip_ci")] + [
+        "fid_ci_low", "fid_ci_high", "clip_score_ci_low", "clip_score_ci_high", "fid_floor", "error"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -112,7 +121,8 @@ def _latex_escape(text: str) -> str:
 
 def to_latex(rows: list[dict]) -> str:
     cols = visible_columns(rows)
-    align = "".join("l" if k in ("experiment", "variant", "status", "bits", "fid_ci") else "r" for k, _, _ in cols)
+    align = "".join("l" if k in ("experiment", "variant", "status", "bits", "fid_ci", "clip_ci") else "r"
+                    for k, _, _ in cols)
     lines = [r"\begin{tabular}{" + align + "}", r"\hline"]
     lines.append(" & ".join(_latex_escape(h) for _, h, _ in cols) + r" \\")
     lines.append(r"\hline")

@@ -17,17 +17,20 @@ COMPARISONS_DIR = "comparisons"
 
 
 def to_uint8(images) -> np.ndarray:
-    """Images in [-1, 1] (torch or numpy, [N, 1, H, W] or [N, H, W]) to uint8 [N, H, W]."""
+    """Images in [-1, 1] (torch or numpy, [N, 1, H, W], [N, 3, H, W] or [N, H, W]) to uint8
+    [N, H, W] (grey) or [N, H, W, 3] (RGB)."""
     arr = images.numpy() if hasattr(images, "numpy") else np.asarray(images)
     if arr.ndim == 4:
-        arr = arr[:, 0]
+        arr = arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
     return np.clip(np.round((arr + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def save_samples(path: Path, images_u8: np.ndarray, labels: list[int]) -> None:
+def save_samples(path: Path, images_u8: np.ndarray, labels: list[int] | None) -> None:
+    """The samples as uint8 and their class labels (-1 for models without classes)."""
     from safetensors.numpy import save_file
 
-    save_file({"images": images_u8, "labels": np.asarray(labels, dtype=np.int64)}, str(path))
+    labels = [-1] * len(images_u8) if labels is None else labels
+    save_file({"images": np.ascontiguousarray(images_u8), "labels": np.asarray(labels, dtype=np.int64)}, str(path))
 
 
 def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -38,9 +41,9 @@ def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tile(images: np.ndarray, rows: int, cols: int, pad: int = 1) -> np.ndarray:
-    """Lay out uint8 images [N, H, W] row by row on a grey background."""
-    h, w = images.shape[1:]
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 96, dtype=np.uint8)
+    """Lay out uint8 images [N, H, W] (or [N, H, W, 3]) row by row on a grey background."""
+    h, w = images.shape[1:3]
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, *images.shape[3:]), 96, dtype=np.uint8)
     for i, img in enumerate(images[: rows * cols]):
         r, c = divmod(i, cols)
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
@@ -50,7 +53,7 @@ def tile(images: np.ndarray, rows: int, cols: int, pad: int = 1) -> np.ndarray:
 def save_png(canvas: np.ndarray, path: Path, scale: int = 2) -> Path:
     from PIL import Image
 
-    image = Image.fromarray(canvas, mode="L")
+    image = Image.fromarray(canvas, mode="L" if canvas.ndim == 2 else "RGB")
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     image.save(path)
@@ -98,8 +101,8 @@ def add_labels(path: Path, labels: list[str], cell: int, pad: int = 1, scale: in
     upright = any(w > column - 2 for w in widths)
     strip_height = (max(widths, default=0) + 6) if upright else height
     with Image.open(path) as grid:
-        grid = grid.convert("L")
-        out = Image.new("L", (grid.width, grid.height + strip_height), 255)
+        grid = grid.convert("L" if grid.mode == "L" else "RGB")
+        out = Image.new(grid.mode, (grid.width, grid.height + strip_height), 255 if grid.mode == "L" else (255,) * 3)
         out.paste(grid, (0, strip_height))
     draw = ImageDraw.Draw(out)
     for i, (label, w) in enumerate(zip(labels, widths)):
@@ -108,7 +111,7 @@ def add_labels(path: Path, labels: list[str], cell: int, pad: int = 1, scale: in
             text = Image.new("L", (w + 2, height), 255)
             ImageDraw.Draw(text).text((1, 1), label, fill=0, font=font)
             text = text.rotate(90, expand=True)
-            out.paste(text, (left + max(0, (column - text.width) // 2), strip_height - text.height - 2))
+            out.paste(text.convert(out.mode), (left + max(0, (column - text.width) // 2), strip_height - text.height - 2))
         else:
             draw.text((left + (column - w) // 2, 2), label, fill=0, font=font)
     out.save(path)

@@ -13,10 +13,9 @@ import time
 
 import torch
 
-from engine.data.digits import load_digits_16
-from engine.evaluate import evaluate_samples, reference_stats
+from engine.evaluate import EVAL_FILE, Evaluator
 from engine.grids import SAMPLES_FILE, comparison_grid, comparison_path, run_grid, save_samples, to_uint8
-from engine.models.loader import load_feature_model, load_text_to_image
+from engine.models.loader import load_text_to_image
 from engine.methods import QuantContext, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
 from engine.quant.packing import bits_per_weight
@@ -80,8 +79,8 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
     model = load_text_to_image(run.model.path, options=run.model_options)
     n = sampling.samples
     prompts, labels = model.eval_prompts(n, sampling_prompts(sampling))
-    check_evaluable(run, labels)
-    classifier = load_feature_model(run.feature_model.path, model.device)
+    reporter.progress("load", 1, 2, "feature model, reference statistics, CLIP")
+    evaluator = Evaluator.from_config(config, model.device, store.runs_dir / "cache")
     reporter.progress("load", 2, 2)
 
     layers, metrics = quantize_stage(store, run_id, run, model, reporter)
@@ -97,11 +96,10 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
         torch.cuda.synchronize()
     latency_ms = (time.time() - start) * 1000 / n
 
-    reporter.progress("metrics", 0, 1, "FID and prompt accuracy")
-    real, _ = load_digits_16()
-    ref, floor = reference_stats(classifier, real.to(model.device))
-    metrics.update(evaluate_samples(classifier, images, labels, ref, run.eval.bootstrap, sampling.seed))
-    metrics.update(fid_floor=floor, latency_ms=latency_ms, peak_mem_mb=peak_memory_mb(model.device))
+    reporter.progress("metrics", 0, 1, "FID, prompt accuracy, CLIP score")
+    metrics.update(evaluator.evaluate(images, prompts, labels, folder, run.eval.bootstrap, sampling.seed))
+    store.add_artifact(run_id, "eval", folder / EVAL_FILE)
+    metrics.update(latency_ms=latency_ms, peak_mem_mb=peak_memory_mb(model.device))
     reporter.progress("metrics", 1, 1)
 
     reporter.progress("save", 0, 1, "grids")
@@ -112,14 +110,6 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
     store.put_metrics(run_id, metrics)
     update_comparison(store, run.experiment, run_id)
     reporter.progress("save", 1, 1)
-
-
-def check_evaluable(run: RunConfig, labels: list[int] | None) -> None:
-    """The digits classifier measures class-prompted digits only; refused before any work."""
-    if labels is None:
-        raise ValueError(f"{run.model.path}: evaluating this model's RGB images needs the Inception feature "
-                         f"model and CLIP score (feature_model = 'inception'), which this build does not have "
-                         f"yet; feature_model {run.feature_model.id!r} measures the digits models only")
 
 
 def update_comparison(store: Store, experiment: str, run_id: int) -> None:

@@ -66,6 +66,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     description: str = ""
     model_options: ModelOptions = field(default_factory=ModelOptions, metadata=LATER)
+    reference: str | None = later(None)  # FID reference statistics (.npz or image folder); None: the digits
+    clip: dict | None = later(None)  # {"model": "local-dir:<folder>" or an open_clip name, "weights": file}
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

@@ -170,11 +170,11 @@ def results_table(store: Store, run_ids: list[int], title: str) -> Table:
     cols = [c for c in visible_columns(rows) if c[0] not in TABLE_SKIP]
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for key, header, _ in cols:
-        left = key in ("variant", "status", "bits", "fid_ci")
+        left = key in ("variant", "status", "bits", "fid_ci", "clip_ci")
         table.add_column(header, justify="left" if left else "right", no_wrap=key != "bits")
     for row in rows:
         table.add_row(*(cell(row, k, f) for k, _, f in cols))
     floors = [r["fid_floor"] for r in rows if r.get("fid_floor") is not None]
     if floors:
-        table.caption = f"FID floor (two halves of the real digits): {floors[0]:.2f}"
+        table.caption = f"FID floor (two halves of the reference): {floors[0]:.2f}"
     return table

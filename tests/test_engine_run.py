@@ -16,7 +16,8 @@ from engine.store import Store
 from tests.conftest import engine
 
 METRICS = {"fid", "fid_ci_low", "fid_ci_high", "prompt_acc", "size_bytes", "size_ratio",
-           "latency_ms", "peak_mem_mb", "fid_floor", "mean_bits"}
+           "latency_ms", "peak_mem_mb", "fid_floor", "mean_bits", "clip_score", "clip_score_ci_low",
+           "clip_score_ci_high"}
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,12 @@ def test_all_variants_done_with_metrics(finished):
         assert METRICS <= set(metrics), run["variant"]
         assert metrics["fid_ci_low"] <= metrics["fid"] <= metrics["fid_ci_high"]
         assert 0 <= metrics["prompt_acc"] <= 1
+        assert 0 <= metrics["clip_score_ci_low"] <= metrics["clip_score"] <= metrics["clip_score_ci_high"] <= 100
+        assert any(a["kind"] == "eval" and a["path"].endswith("eval.npz") for a in store.artifacts(run["id"]))
         config = json.loads(run["config"])
         assert config["sampling"]["samples"] == 20 and run["config_hash"] and run["versions"]
     # the results table is printed
-    assert "prompt acc" in result.stdout and "FID floor" in result.stdout
+    assert "prompt acc" in result.stdout and "FID floor" in result.stdout and "CLIP" in result.stdout
 
 
 def test_layer_roles_and_bits_follow_each_variant(finished):

@@ -150,6 +150,7 @@ prompts = "prompts.txt"
 negative_prompt = "blurry"
 height = 16
 width = 24
+{evaluation}
 {extra}
 [experiments.sd.variants.fp]
 method = "none"
@@ -172,6 +173,7 @@ guidance = 3.0
 batch_size = 2
 bootstrap = 0
 prompts = ["a photo of a cat", "a red car on a street"]
+{evaluation}
 {extra}
 [experiments.sd3.variants.gptq]
 method = "gptq"
@@ -181,10 +183,33 @@ calibration = {{ samples = 2, held_out = 1, seed = 1, steps = 2 }}
 """
 
 
+EVALUATION = {}  # the evaluation keys (Inception weights, reference statistics, CLIP) of the test catalogues
+
+
+@pytest.fixture(autouse=True, scope="module")
+def evaluation_keys(inception_home, tiny_clip_dir, tmp_path_factory):
+    """Inception FID against reference statistics, and CLIP score, from files the tests make."""
+    import numpy as np
+
+    from engine.models.inception import FEATURE_DIM, WEIGHTS_NAME
+
+    stats = tmp_path_factory.mktemp("reference") / "reference.npz"
+    rng = np.random.default_rng(0)
+    np.savez(stats, mu=rng.normal(size=FEATURE_DIM) * 0.1, sigma=np.eye(FEATURE_DIM) * 0.01)
+    EVALUATION["keys"] = "\n".join([
+        'feature_model = "inception"',
+        f'inception_weights = "{inception_home / "hub" / "checkpoints" / WEIGHTS_NAME}"',
+        f'reference = "{stats}"',
+        f'clip_model = "local-dir:{tiny_clip_dir}"',
+    ])
+    yield
+    EVALUATION.clear()
+
+
 def write(tmp_path, template, model, extra="", prompts="a photo of a cat\n\n  a red car on a street  \n"):
     (tmp_path / "prompts.txt").write_text(prompts)
     path = tmp_path / "experiments.toml"
-    path.write_text(template.format(model=model, extra=extra))
+    path.write_text(template.format(model=model, extra=extra, evaluation=EVALUATION.get("keys", "")))
     return path
 
 
@@ -390,16 +415,34 @@ def test_noise_prediction_objective_inverts_to_the_clean_latents(prediction):
     assert len(set(t.tolist())) == 8  # one timestep per stratum of the schedule
 
 
-def test_engine_run_on_stable_diffusion_refuses_digits_evaluation(tmp_path, tiny_sd):
-    """Until the Inception / CLIP evaluation is in, a run on a real pipeline fails before any
-    work with a clear error, recorded as failed (the sampling path is tested above)."""
+@pytest.mark.parametrize("template, name, variants, roles", [
+    (SD_TOML, "sd", ["fp", "W4", "W8"], {"conv", "attention", "linear"}),
+    (SD3_TOML, "sd3", ["gptq"], {"attention", "linear"}),
+], ids=["sd", "sd3"])
+def test_engine_run_ends_done_on_real_pipelines(tmp_path, tiny_sd, tiny_sd3, template, name, variants, roles):
+    """`engine run` end to end on the tiny SD and SD 3 pipelines: RTN W4/W8 and GPTQ W4A8 runs end
+    done with Inception FID, CLIP score and per-sample data stored, and the real layer roles."""
+    from engine.evaluate import load_eval
     from engine.store import Store
 
-    toml = write(tmp_path, SD_TOML, tiny_sd)
-    result = engine("run", "sd", "--variant", "W4", "--experiments", str(toml), "--runs-dir", str(tmp_path / "runs"))
-    assert result.returncode == 1
-    (run,) = Store.open(tmp_path / "runs").runs()
-    assert run["status"] == "failed" and "Inception" in run["error"]
+    toml = write(tmp_path, template, tiny_sd if name == "sd" else tiny_sd3)
+    args = [a for v in variants for a in ("--variant", v)]
+    result = engine("run", name, *args, "--experiments", str(toml), "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    store = Store.open(tmp_path / "runs")
+    runs = {r["variant"]: r for r in store.runs()}
+    assert set(runs) == set(variants) and {r["status"] for r in runs.values()} == {"done"}
+    for variant, run in runs.items():
+        metrics = store.metrics(run["id"])
+        assert metrics["fid"] is not None and metrics["fid"] >= 0
+        assert 0 <= metrics["clip_score"] <= 100 and "prompt_acc" not in metrics  # no classes to check
+        data = load_eval(store.runs_dir / run["folder"])
+        n = json.loads(run["config"])["sampling"]["samples"]
+        assert data.features.shape == (n, 2048) and len(data.clip) == n
+        layers = store.layers(run["id"])
+        quantized = {l["role"] for l in layers if l["bits"] is not None}
+        assert quantized == (set() if variant == "fp" else roles)
+    store.close()
 
 
 def test_a_folder_with_only_fp16_variant_weights_loads(tmp_path, tiny_sd, sd):
