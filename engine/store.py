@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
+
+from engine.protocol import protocol_hash
 
 SCHEMA_VERSION = 1
 DB_NAME = "qtui.db"
@@ -54,6 +57,7 @@ class Store:
         db.enable_wal()
         store = cls(db=db, runs_dir=runs_dir)
         store._migrate()
+        store._add_protocol_column()
         return store
 
     def close(self) -> None:
@@ -151,6 +155,24 @@ class Store:
             db["events"].create_index(["run_id", "id"])
         db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
 
+    def _add_protocol_column(self) -> None:
+        """`runs.protocol` (engine/protocol.py), added in place and filled in for old runs.
+        Idempotent and safe when two processes open an old database at once."""
+        if "protocol" not in self.db["runs"].columns_dict:
+            try:
+                with self.db.conn:
+                    self.db.conn.execute("alter table runs add column protocol text")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
+        missing = self.db.execute("select id, config from runs where protocol is null").fetchall()
+        if missing:
+            with self.db.conn:
+                self.db.conn.executemany(
+                    "update runs set protocol = ? where id = ?",
+                    [(protocol_hash(config or "{}"), run_id) for run_id, config in missing],
+                )
+
     def schema_version(self) -> int:
         return int(self.db["meta"].get("schema_version")["value"])
 
@@ -173,6 +195,7 @@ class Store:
                     "status": "queued",
                     "config": json.dumps(config, sort_keys=True),
                     "config_hash": config_hash,
+                    "protocol": protocol_hash(config),
                     "created_at": utc_now(),
                     "git_commit": git_commit,
                     "host": socket.gethostname(),
