@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import ConfigError
+from engine.expectations import BadExpectation, Expectation, parse_expectation
 from engine.methods import BadKey, check_against_model, validate_method
 from engine.models.registry import ModelNotFound, resolve_model
 from engine.run_config import EvalConfig, ModelRef, RunConfig, SamplingConfig
@@ -35,6 +36,9 @@ EXPERIMENT_DEFAULTS = {
     "seed": 0,
     "batch_size": 250,
     "bootstrap": 200,
+    "seeds": None,  # repeats: each variant once per seed (instead of `seed`)
+    "reference_variant": "fp",  # what paired differences d_* compare each run with
+    "expect": [],  # expected outcomes, e.g. ["B < A on fid"] (engine/expectations.py)
 }
 VARIANT_KEYS = ("description", "method")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -63,8 +67,15 @@ class Experiment:
     batch_size: int
     bootstrap: int
     variants: dict[str, Variant] = field(default_factory=dict)
+    seeds: tuple[int, ...] = ()  # the seeds each variant runs with; () means (seed,)
+    reference_variant: str = "fp"
+    expectations: tuple[Expectation, ...] = ()
 
-    def run_config(self, variant: str, samples: int | None = None) -> dict:
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
+
+    def run_config(self, variant: str, samples: int | None = None, seed: int | None = None) -> dict:
         """The full, resolved config of one run: what is stored, hashed and executed."""
         v = self.variants[variant]
         return RunConfig(
@@ -79,10 +90,11 @@ class Experiment:
                 samples=samples if samples is not None else self.samples,
                 steps=self.steps,
                 guidance=self.guidance,
-                seed=self.seed,
+                seed=self.seed if seed is None else seed,
                 batch_size=self.batch_size,
             ),
             eval=EvalConfig(bootstrap=self.bootstrap),
+            reference_variant=self.reference_variant,
         ).to_dict()
 
 
@@ -189,6 +201,21 @@ class _Reader:
         variants = {
             v: self.variant(table + ["variants", v], v, r, paths["model"]) for v, r in variants_raw.items()
         }
+        seeds = self.seeds(table, raw)
+        reference = values["reference_variant"]
+        if not isinstance(reference, str):
+            self.fail(table, "reference_variant", f"must be a variant name, got {reference!r}")
+        if "reference_variant" in raw and reference not in variants:
+            self.fail(table, "reference_variant", f"no variant {reference!r}; variants: {', '.join(variants)}")
+        expect = values["expect"]
+        if not isinstance(expect, list):
+            self.fail(table, "expect", f"must be a list of strings like \"B < A on fid\", got {expect!r}")
+        expectations = []
+        for item in expect:
+            try:
+                expectations.append(parse_expectation(item, variants))
+            except BadExpectation as exc:
+                self.fail(table, "expect", str(exc))
         return Experiment(
             name=name,
             description=values["description"],
@@ -203,7 +230,24 @@ class _Reader:
             batch_size=values["batch_size"],
             bootstrap=values["bootstrap"],
             variants=variants,
+            seeds=seeds,
+            reference_variant=reference,
+            expectations=tuple(expectations),
         )
+
+    def seeds(self, table: list[str], raw: dict) -> tuple[int, ...]:
+        if "seeds" not in raw:
+            return ()
+        if "seed" in raw:
+            self.fail(table, "seeds", "give either seed or seeds, not both")
+        seeds = raw["seeds"]
+        if not isinstance(seeds, list) or not seeds:
+            self.fail(table, "seeds", f"must be a non-empty list of integers, got {seeds!r}")
+        for s in seeds:
+            self.integer(table, "seeds", s, 0)
+        if len(set(seeds)) != len(seeds):
+            self.fail(table, "seeds", f"has a repeated seed: {seeds}")
+        return tuple(seeds)
 
     def variant(self, table: list[str], name: str, raw, model_path: Path) -> Variant:
         if not isinstance(raw, dict):

@@ -16,6 +16,7 @@ import torch
 from engine.data.digits import eval_labels, load_digits_16, prompt_for
 from engine.evaluate import evaluate_samples, reference_stats
 from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, to_uint8
+from engine.paired_runs import update_paired
 from engine.models.loader import load_feature_model, load_text_to_image
 from engine.methods import QuantContext, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
@@ -95,8 +96,8 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
 
     reporter.progress("metrics", 0, 1, "FID and prompt accuracy")
     real, _ = load_digits_16()
-    ref, floor = reference_stats(classifier, real.to(model.device))
-    metrics.update(evaluate_samples(classifier, images, labels, ref, run.eval.bootstrap, sampling.seed))
+    ref, floor, ref_feats = reference_stats(classifier, real.to(model.device), n)
+    metrics.update(evaluate_samples(classifier, images, labels, ref, run.eval.bootstrap, sampling.seed, ref_feats, folder))
     metrics.update(fid_floor=floor, latency_ms=latency_ms, peak_mem_mb=peak_memory_mb(model.device))
     reporter.progress("metrics", 1, 1)
 
@@ -107,6 +108,7 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
     store.add_artifact(run_id, "grid", run_grid(images_u8, folder / "grid.png"))
     store.put_metrics(run_id, metrics)
     update_comparison(store, run.experiment, run_id)
+    update_paired(store, run_id)
     reporter.progress("save", 1, 1)
 
 

@@ -42,6 +42,7 @@ class RunConfig:
     sampling: SamplingConfig
     eval: EvalConfig = field(default_factory=EvalConfig)
     description: str = ""
+    reference_variant: str = "fp"  # the variant paired differences compare with (not the protocol)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

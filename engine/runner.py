@@ -44,9 +44,10 @@ def package_versions() -> dict:
 def create_runs(store: Store, experiment: Experiment, variants: list[str], samples: int | None) -> list[int]:
     commit, versions = git_commit(), package_versions()
     ids = []
-    for variant in variants:
-        config = experiment.run_config(variant, samples)
-        ids.append(store.create_run(experiment.name, variant, config, config_hash(config), commit, versions))
+    for seed in experiment.run_seeds:  # one run per variant and seed, seed by seed
+        for variant in variants:
+            config = experiment.run_config(variant, samples, seed)
+            ids.append(store.create_run(experiment.name, variant, config, config_hash(config), commit, versions))
     return ids
 
 
@@ -82,10 +83,12 @@ def run_experiment(store: Store, experiment: Experiment, variants: list[str], sa
     queue = RunQueue(store, max_parallel=jobs)
     for run_id in ids:
         queue.submit(run_id)
-    names = dict(zip(ids, variants))
+    seeds = {i: json.loads(store.get_run(i)["config"])["sampling"]["seed"] for i in ids}
+    several = len(set(seeds.values())) > 1
+    names = {i: store.get_run(i)["variant"] + (f" s{seeds[i]}" if several else "") for i in ids}
     followers: dict[int, LogFollower] = {}
     progress = Progress(
-        TextColumn("{task.fields[variant]:>8}"),
+        TextColumn("{task.fields[variant]:>10}"),
         TextColumn("{task.fields[stage]:<9}"),
         BarColumn(),
         MofNCompleteColumn(),
