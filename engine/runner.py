@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from engine.config import Experiment, config_hash
-from engine.export import result_rows, visible_columns, cell
+from engine.export import TEXT_KEYS, cell, display_rows, is_best, result_rows
 from engine.run_queue import RunQueue
 from engine.store import Store
 
@@ -126,16 +126,24 @@ def run_experiment(store: Store, experiment: Experiment, variants: list[str], sa
 TABLE_SKIP = ("id", "experiment", "reduction_pct", "mean_bits")
 
 
-def results_table(store: Store, run_ids: list[int], title: str) -> Table:
-    rows = result_rows(store, run_ids=run_ids)
-    cols = [c for c in visible_columns(rows) if c[0] not in TABLE_SKIP]
+def results_table(store: Store, run_ids: list[int], title: str, preferred: dict[str, str] | None = None) -> Table:
+    """The runs grouped by protocol (P1, P2, ...) and seeds, best values in bold within a group."""
+    shown, cols, notes = display_rows(result_rows(store, run_ids=run_ids), preferred)
+    cols = [c for c in cols if c[0] not in TABLE_SKIP]
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for key, header, _ in cols:
-        left = key in ("variant", "status", "bits", "fid_ci")
+        left = key in TEXT_KEYS
         table.add_column(header, justify="left" if left else "right", no_wrap=key != "bits")
-    for row in rows:
-        table.add_row(*(cell(row, k, f) for k, _, f in cols))
-    floors = [r["fid_floor"] for r in rows if r.get("fid_floor") is not None]
-    if floors:
-        table.caption = f"FID floor (two halves of the real digits): {floors[0]:.2f}"
+    for row in shown:
+        table.add_row(*(f"[bold]{cell(row, k, f)}[/bold]" if is_best(row, k) else cell(row, k, f) for k, _, f in cols))
+    floors = {}
+    for row in shown:
+        if row.get("fid_floor") is not None:
+            floors.setdefault(row.get("samples"), row["fid_floor"])
+    caption = [", ".join(f"n={n}: {v:.2f}" for n, v in floors.items())] if floors else []
+    if caption:
+        caption[0] = f"FID floor (a perfect generator's FID at the run's sample count, Gaussian fit): {caption[0]}"
+    caption.append("FID 95% CI: this run's own samples resampled, reference fixed (spread, not bias); "
+                   "dFID: paired bootstrap against the reference variant on the same samples")
+    table.caption = "\n".join(caption + notes)
     return table
