@@ -52,6 +52,13 @@ BAD = [
      "no model 'no/such/dir'", 31),
     ("samples zero", "@@\n[experiments.other]\nmodel = '@M'\nsamples = 0\n[experiments.other.variants.a]\nmethod = 'none'\n",
      "samples: must be >= 1", 32),
+    ("unreadable expectation", "@@\nexpect = ['B << A on fid']\n", "cannot read 'B << A on fid'", 12),
+    ("expectation of an unknown variant", "@@\nexpect = ['Z < A on fid']\n", "no variant 'Z'", 12),
+    ("expectation on an unknown metric", "@@\nexpect = ['B < A on speed']\n", "no paired metric 'speed'", 12),
+    ("untestable expectation", "@@\nexpect = ['B <= A on fid']\n", "only '<' and '>'", 12),
+    ("expect not a list", "@@\nexpect = 'B < A on fid'\n", "must be a list", 12),
+    ("seed and seeds", "@@\nseeds = [0, 1]\n", "either seed or seeds", 12),
+    ("unknown reference variant", "@@\nreference_variant = 'Q'\n", "no variant 'Q'", 12),
 ]
 
 
