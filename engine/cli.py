@@ -8,7 +8,7 @@ from pathlib import Path
 
 from engine.errors import UserError
 
-TRAINABLE = ("digits-unet", "digits-mmdit", "digits-classifier")
+TRAINABLE = ("digits-unet", "digits-mmdit", "digits-classifier", "digits-clip")
 EXPORT_FORMATS = ("csv", "json", "md", "latex")
 TABLE_WIDTH = 230  # the results table, wide enough that no column is squeezed out
 
@@ -189,6 +189,13 @@ def cmd_train(args) -> int:
         if args.steps:
             cfg.steps = args.steps
         summary = train_digits_mmdit(out, cfg)
+    elif args.model == "digits-clip":
+        from engine.train.digits_clip import ClipTrainConfig, train_digits_clip
+
+        cfg = ClipTrainConfig(seed=args.seed)
+        if args.steps:
+            cfg.steps = args.steps
+        summary = train_digits_clip(out, cfg)
     else:
         from engine.train.digits_classifier import ClassifierTrainConfig, train_digits_classifier
 
@@ -197,6 +204,46 @@ def cmd_train(args) -> int:
             cfg.epochs = args.steps
         summary = train_digits_classifier(out, cfg)
     print(f"saved {args.model} to {out}: {summary}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    """Reference statistics of a folder of images, in pytorch-fid's --save-stats format."""
+    from engine.metrics.reference import IMAGE_EXTENSIONS, image_files
+
+    folder, out = Path(args.folder), Path(args.out)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    if not image_files(folder):
+        raise UserError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if out.suffix != ".npz":
+        raise UserError(f"--out {out}: must end in .npz")
+    if out.exists():
+        raise UserError(f"--out {out}: already exists")
+    if args.feature_model == "inception":
+        from engine.models.inception import InceptionWeightsMissing, resolve_weights
+
+        try:
+            weights = resolve_weights(args.inception_weights)
+        except InceptionWeightsMissing as exc:
+            raise UserError(str(exc)) from None
+        spec = {"id": "inception", "path": str(weights)}
+    else:
+        from engine.models.registry import ModelNotFound, resolve_model
+
+        try:
+            spec = {"id": args.feature_model, "path": str(resolve_model(args.feature_model))}
+        except ModelNotFound as exc:
+            raise UserError(str(exc)) from None
+    from engine.metrics.features import load_feature_model
+    from engine.metrics.reference import folder_features, save_stats, stats_with_floor
+    from engine.models.loader import default_device
+
+    extractor = load_feature_model(spec, default_device())
+    features = folder_features(folder, extractor)
+    stats, floor = stats_with_floor(features)
+    save_stats(out, stats, floor=floor)
+    print(f"{out}: mu [{stats.mu.shape[0]}], sigma of {stats.n} images from {folder} ({extractor.id})")
     return 0
 
 
@@ -229,10 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="only this experiment")
     p.add_argument("--out", help="file to write (default: standard output)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("stats", help="FID reference statistics of a folder of images (pytorch-fid's .npz)")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True, help="the .npz to write (mu, sigma; pytorch_fid reads it)")
+    p.add_argument("--feature-model", default="inception", help="inception (default) or a classifier model")
+    p.add_argument("--inception-weights", help="pytorch-fid's weights file (default: $TORCH_HOME/hub/checkpoints/)")
+    p.set_defaults(func=cmd_stats)
     p = sub.add_parser("train", help="train an embedded model and save it with save_pretrained")
     p.add_argument("model", choices=TRAINABLE)
     p.add_argument("--out", help="directory to save to (default: the shipped models/ folder)")
-    p.add_argument("--steps", type=int, help="training steps (UNet, MMDiT) or epochs (classifier)")
+    p.add_argument("--steps", type=int, help="training steps (UNet, MMDiT, CLIP) or epochs (classifier)")
     p.add_argument("--save-every", type=int, default=0, help="also save the model every N steps (MMDiT)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)

@@ -23,8 +23,10 @@ from pathlib import Path
 from engine.errors import ConfigError
 from engine.expectations import BadExpectation, Expectation, parse_expectation
 from engine.methods import BadKey, check_against_model, validate_method
-from engine.models.registry import ModelNotFound, resolve_model
+from engine.models.registry import INDEX_FILE, SHIPPED_DIR, ModelNotFound, resolve_model
 from engine.run_config import EvalConfig, ModelRef, RunConfig, SamplingConfig
+
+INCEPTION = "inception"
 
 EXPERIMENT_DEFAULTS = {
     "description": "",
@@ -36,10 +38,16 @@ EXPERIMENT_DEFAULTS = {
     "seed": 0,
     "batch_size": 250,
     "bootstrap": 200,
+    "inception_weights": None,  # feature_model = "inception": default $TORCH_HOME/hub/checkpoints/...
+    "reference": None,  # None: the real digits (digits models); else a .npz (mu, sigma) or an image folder
+    "clip_model": None,  # None: "digits-clip" for the digits models; "local-dir:<folder>", an open_clip name, "none"
+    "clip_weights": None,  # the weights file of an open_clip architecture name
     "seeds": None,  # repeats: each variant once per seed (instead of `seed`)
     "reference_variant": "fp",  # what paired differences d_* compare each run with
     "expect": [],  # expected outcomes, e.g. ["B < A on fid"] (engine/expectations.py)
 }
+DIGITS_KINDS = ("QtuiDigitsPipeline", "QtuiDigitsMMDiTPipeline")  # engine.models.loader's digits kinds
+DIGITS_CLIP = "digits-clip"
 VARIANT_KEYS = ("description", "method")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -67,6 +75,9 @@ class Experiment:
     batch_size: int
     bootstrap: int
     variants: dict[str, Variant] = field(default_factory=dict)
+    reference: str | None = None  # resolved path; None: the real digits
+    clip_model: str | None = None  # resolved: "local-dir:<abs folder>" or an open_clip name; None: no CLIP
+    clip_weights: str | None = None
     seeds: tuple[int, ...] = ()  # the seeds each variant runs with; () means (seed,)
     reference_variant: str = "fp"
     expectations: tuple[Expectation, ...] = ()
@@ -95,6 +106,8 @@ class Experiment:
             ),
             eval=EvalConfig(bootstrap=self.bootstrap),
             reference_variant=self.reference_variant,
+            reference=self.reference,
+            clip={"model": self.clip_model, "weights": self.clip_weights} if self.clip_model else None,
         ).to_dict()
 
 
@@ -183,10 +196,13 @@ class _Reader:
                 self.fail(table, key, f"must be a string, got {values[key]!r}")
         paths = {}
         for key in ("model", "feature_model"):
+            if key == "feature_model" and values[key] == INCEPTION:
+                continue
             try:
                 paths[key] = resolve_model(values[key], base=self.path.parent)
             except ModelNotFound as exc:
                 self.fail(table, key, str(exc))
+        evaluation = self.evaluation(table, values, paths)
         self.integer(table, "samples", values["samples"], 1)
         self.integer(table, "steps", values["steps"], 1, 1000)
         self.integer(table, "seed", values["seed"], 0)
@@ -233,6 +249,7 @@ class _Reader:
             seeds=seeds,
             reference_variant=reference,
             expectations=tuple(expectations),
+            **evaluation,
         )
 
     def seeds(self, table: list[str], raw: dict) -> tuple[int, ...]:
@@ -248,6 +265,93 @@ class _Reader:
         if len(set(seeds)) != len(seeds):
             self.fail(table, "seeds", f"has a repeated seed: {seeds}")
         return tuple(seeds)
+
+    def local_path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.path.parent / path)
+
+    def evaluation(self, table: list[str], values: dict, paths: dict) -> dict:
+        """Feature model weights, reference statistics and CLIP model, checked without torch:
+        files exist, statistics match the feature model's dimension. Sets paths["feature_model"]."""
+        for key in ("inception_weights", "reference", "clip_model", "clip_weights"):
+            if values[key] is not None and not isinstance(values[key], str):
+                self.fail(table, key, f"must be a string, got {values[key]!r}")
+        digits = _model_kind(paths["model"]) in DIGITS_KINDS
+        if values["feature_model"] == INCEPTION:
+            from engine.models.inception import FEATURE_DIM, default_weights_path, missing_weights_message
+
+            explicit = values["inception_weights"] is not None
+            weights = self.local_path(values["inception_weights"]) if explicit else default_weights_path()
+            if not weights.is_file():
+                self.fail(table, "inception_weights" if explicit else "feature_model",
+                          missing_weights_message(weights, explicit))
+            paths["feature_model"], dim = weights.resolve(), FEATURE_DIM
+        else:
+            if values["inception_weights"] is not None:
+                self.fail(table, "inception_weights", "only applies with feature_model = \"inception\"")
+            dim = _classifier_dim(paths["feature_model"])
+        reference = None
+        if values["reference"] not in (None, "digits"):
+            reference = self.reference(table, self.local_path(values["reference"]), dim, values["feature_model"])
+        elif not digits:
+            self.fail(table, "reference", f"is required for model {values['model']!r} (pytorch-fid statistics "
+                                          "'<file.npz>' or a folder of images)")
+        clip_model, clip_weights = self.clip(table, values, digits)
+        return {"reference": reference, "clip_model": clip_model, "clip_weights": clip_weights}
+
+    def reference(self, table: list[str], path: Path, dim: int, feature_model: str) -> str:
+        from engine.metrics.reference import ReferenceError, image_files, npz_dimension
+
+        if path.is_dir():
+            if not image_files(path):
+                self.fail(table, "reference", f"{path}: no images (png, jpg, ...) in the folder")
+        elif path.is_file():
+            try:
+                found = npz_dimension(path)
+            except (ReferenceError, OSError, ValueError) as exc:
+                self.fail(table, "reference", f"{path}: not pytorch-fid statistics ({exc})")
+            if found != dim:
+                self.fail(table, "reference", f"{path}: statistics of dimension {found}, but feature model "
+                                              f"{feature_model!r} gives {dim}")
+        else:
+            self.fail(table, "reference", f"{path} does not exist (a .npz of mu and sigma, or a folder of images)")
+        return str(path.resolve())
+
+    def clip(self, table: list[str], values: dict, digits: bool) -> tuple[str | None, str | None]:
+        from engine.metrics.clip_score import CONFIG_FILE, LOCAL_DIR
+
+        name, weights = values["clip_model"], values["clip_weights"]
+        if name is None:
+            name = DIGITS_CLIP if digits else "none"
+        if name == "none":
+            if weights is not None:
+                self.fail(table, "clip_weights", "needs clip_model (an open_clip architecture name)")
+            return None, None
+        shipped = SHIPPED_DIR / name
+        if (shipped / CONFIG_FILE).is_file():
+            name = LOCAL_DIR + str(shipped)
+        elif name == DIGITS_CLIP:
+            self.fail(table, "clip_model", f"the shipped CLIP model is missing: {shipped} (engine train digits-clip)")
+        if name.startswith(LOCAL_DIR):
+            folder = self.local_path(name[len(LOCAL_DIR):])
+            if not (folder / CONFIG_FILE).is_file():
+                self.fail(table, "clip_model", f"{folder}: no {CONFIG_FILE} (an open_clip local-dir needs it "
+                                               "and open_clip_model.safetensors)")
+            if not any(f.suffix in (".safetensors", ".bin", ".pth") for f in folder.iterdir()):
+                self.fail(table, "clip_model", f"{folder}: no weights file (open_clip_model.safetensors)")
+            if weights is not None:
+                self.fail(table, "clip_weights", "a local-dir CLIP model carries its own weights")
+            return LOCAL_DIR + str(folder.resolve()), None
+        if not _open_clip_architecture(name):
+            self.fail(table, "clip_model", f"{name!r} is not 'local-dir:<folder>', {DIGITS_CLIP!r}, 'none' "
+                                           "nor an open_clip architecture name")
+        if weights is None:
+            self.fail(table, "clip_weights", f"is required with clip_model = {name!r} (its weights file; "
+                                             "nothing is downloaded)")
+        path = self.local_path(weights)
+        if not path.is_file():
+            self.fail(table, "clip_weights", f"{path} does not exist")
+        return name, str(path.resolve())
 
     def variant(self, table: list[str], name: str, raw, model_path: Path) -> Variant:
         if not isinstance(raw, dict):
@@ -269,6 +373,30 @@ class _Reader:
         except BadKey as exc:
             self.fail(table, exc.key, exc.message)
         return Variant(name=name, description=description, method=method, params=params)
+
+
+def _model_kind(path: Path) -> str | None:
+    try:
+        return json.loads((Path(path) / INDEX_FILE).read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def _classifier_dim(path: Path) -> int:
+    try:
+        return int(json.loads((Path(path) / "config.json").read_text()).get("feature_dim", 128))
+    except (OSError, ValueError):
+        return 128
+
+
+def _open_clip_architecture(name: str) -> bool:
+    """Whether open_clip ships a config for `name` (looked up on disk, without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(loc) / "model_configs" / f"{name}.json").is_file() for loc in spec.submodule_search_locations)
 
 
 def load_catalogue(path: str | Path) -> Catalogue:

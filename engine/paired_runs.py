@@ -22,66 +22,64 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.metrics.fid import FeatureStats
-from engine.metrics.paired import PairedDiff, bootstrap_indices, paired_fid, paired_mean
+from engine.metrics.paired import PairedDiff, bootstrap_resamples, paired_fid, paired_mean
 from engine.protocol import differences, family_hash
 from engine.store import Store
 
-EVAL_FILE = "eval_samples.npz"
+EVAL_FILE = "eval.npz"  # written by engine/evaluate.py (its docstring documents the arrays)
 DEFAULT_RESAMPLES = 200  # when a run's config asks for no bootstrap (bootstrap = 0)
 PAIRED = ("fid", "prompt_acc", "clip_score")
 
 
 @dataclass
 class EvalData:
-    """A run's per-sample evaluation data (see `save_eval_data` for the file)."""
+    """The per-sample data of one run that paired comparisons need (torch-free reader of
+    engine/evaluate.py's `eval.npz`)."""
 
     features: np.ndarray  # [n, d]
-    labels: np.ndarray  # [n] class asked for by each prompt
-    preds: np.ndarray  # [n] class the feature model predicts
-    clip: np.ndarray | None  # [n] CLIP score per sample, when the run has a CLIP model
+    labels: np.ndarray | None  # [n] class asked for by each prompt
+    preds: np.ndarray | None  # [n] class the feature model predicts
+    clip: np.ndarray | None  # [n] CLIP score per sample
+    prompts: list[str]
     ref: FeatureStats  # the reference statistics its FID was computed against
+    reference: str  # their id
 
     def per_sample(self, metric: str) -> np.ndarray | None:
         if metric == "prompt_acc":
+            if self.preds is None or self.labels is None:
+                return None
             return (self.preds == self.labels).astype(np.float64)
         if metric == "clip_score":
-            return self.clip
+            return None if self.clip is None else self.clip.astype(np.float64)
         raise KeyError(metric)
-
-
-def save_eval_data(path: Path, features, labels, preds, ref: FeatureStats, clip=None) -> Path:
-    """Write `eval_samples.npz`: features, labels, preds, clip_score (optional) and the
-    reference statistics ref_mu, ref_sigma, ref_n."""
-    arrays = dict(features=np.asarray(features), labels=np.asarray(labels), preds=np.asarray(preds),
-                  ref_mu=np.asarray(ref.mu), ref_sigma=np.asarray(ref.sigma), ref_n=np.asarray(ref.n))
-    if clip is not None:
-        arrays["clip_score"] = np.asarray(clip, dtype=np.float64)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-    return path
 
 
 def load_eval_data(folder: Path) -> EvalData | None:
     """The run's per-sample data, or None when the run has none (older runs)."""
-    path = Path(folder) / EVAL_FILE
+    from engine.metrics.reference import load_stats
+
+    folder = Path(folder)
+    path = folder / EVAL_FILE
     if not path.exists():
         return None
     with np.load(path) as z:
+        get = lambda k: z[k] if k in z.files else None  # noqa: E731
+        stats_path = Path(str(z["reference_stats"]))
         return EvalData(
-            features=z["features"].astype(np.float64), labels=z["labels"], preds=z["preds"],
-            clip=z["clip_score"] if "clip_score" in z.files else None,
-            ref=FeatureStats(mu=z["ref_mu"], sigma=z["ref_sigma"], n=int(z["ref_n"])),
+            features=z["features"].astype(np.float64), labels=get("labels"), preds=get("preds"),
+            clip=get("clip"), prompts=[str(p) for p in z["prompts"]],
+            ref=load_stats(stats_path if stats_path.is_absolute() else folder / stats_path)[0],
+            reference=str(z["reference"]),
         )
 
 
 def paired_differences(a: EvalData, b: EvalData, n_boot: int, seed: int) -> dict[str, PairedDiff]:
     """metric(a) - metric(b) for each metric both runs have, on shared bootstrap indices."""
-    if a.features.shape != b.features.shape or not np.array_equal(a.labels, b.labels):
+    if a.features.shape != b.features.shape or a.prompts != b.prompts:
         raise ValueError("the runs were not evaluated on the same prompts and sample count")
-    if not (np.allclose(a.ref.mu, b.ref.mu) and np.allclose(a.ref.sigma, b.ref.sigma)):
+    if a.reference != b.reference or not np.allclose(a.ref.mu, b.ref.mu):
         raise ValueError("the runs were scored against different reference statistics")
-    idx = bootstrap_indices(a.features.shape[0], n_boot, seed)
+    idx = bootstrap_resamples(a.features.shape[0], n_boot, seed)
     out = {"fid": paired_fid(a.features, b.features, a.ref, idx)}
     for metric in ("prompt_acc", "clip_score"):
         va, vb = a.per_sample(metric), b.per_sample(metric)
@@ -125,7 +123,10 @@ def compare_runs(store: Store, id_a: int, id_b: int) -> dict[str, PairedDiff]:
         if data[run_id] is None:
             raise UserError(f"run {run_id} has no per-sample data ({EVAL_FILE}); re-run it to compare")
     n_boot, seed = _resamples_and_seed(a)
-    return paired_differences(data[id_a], data[id_b], n_boot, seed)
+    try:
+        return paired_differences(data[id_a], data[id_b], n_boot, seed)
+    except ValueError as exc:
+        raise UserError(f"runs {id_a} and {id_b}: {exc}") from None
 
 
 def _reference_variant(run: dict) -> str:
@@ -155,7 +156,7 @@ def update_paired(store: Store, run_id: int) -> None:
         return
     n_boot, seed = _resamples_and_seed(reference)
     if reference["id"] == run_id:
-        zero = {m: PairedDiff(m, 0.0, 0.0, 0.0, len(ref_data.labels), 0) for m in PAIRED
+        zero = {m: PairedDiff(m, 0.0, 0.0, 0.0, len(ref_data.features), 0) for m in PAIRED
                 if m == "fid" or ref_data.per_sample(m) is not None}
         store.put_metrics(run_id, diff_metrics(zero))
     for target in targets:

@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from engine.data.digits import eval_labels, load_digits_16, prompt_for
-from engine.evaluate import evaluate_samples, reference_stats
+from engine.data.digits import eval_labels, prompt_for
+from engine.evaluate import EVAL_FILE, Evaluator
 from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, to_uint8
 from engine.paired_runs import update_paired
-from engine.models.loader import load_feature_model, load_text_to_image
+from engine.models.loader import load_text_to_image
 from engine.methods import QuantContext, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
 from engine.run_config import RunConfig
@@ -76,7 +76,8 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
 
     reporter.progress("load", 0, 2, "loading models")
     model = load_text_to_image(run.model.path)
-    classifier = load_feature_model(run.feature_model.path, model.device)
+    reporter.progress("load", 1, 2, "feature model, reference statistics, CLIP")
+    evaluator = Evaluator.from_config(config, model.device, store.runs_dir / "cache")
     reporter.progress("load", 2, 2)
 
     layers, metrics = quantize_stage(store, run_id, run, model, reporter)
@@ -94,11 +95,10 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
         torch.cuda.synchronize()
     latency_ms = (time.time() - start) * 1000 / n
 
-    reporter.progress("metrics", 0, 1, "FID and prompt accuracy")
-    real, _ = load_digits_16()
-    ref, floor, ref_feats = reference_stats(classifier, real.to(model.device), n)
-    metrics.update(evaluate_samples(classifier, images, labels, ref, run.eval.bootstrap, sampling.seed, ref_feats, folder))
-    metrics.update(fid_floor=floor, latency_ms=latency_ms, peak_mem_mb=peak_memory_mb(model.device))
+    reporter.progress("metrics", 0, 1, "FID, prompt accuracy, CLIP score")
+    metrics.update(evaluator.evaluate(images, prompts, labels, folder, run.eval.bootstrap, sampling.seed))
+    store.add_artifact(run_id, "eval", folder / EVAL_FILE)
+    metrics.update(latency_ms=latency_ms, peak_mem_mb=peak_memory_mb(model.device))
     reporter.progress("metrics", 1, 1)
 
     reporter.progress("save", 0, 1, "grids")

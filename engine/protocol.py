@@ -21,7 +21,7 @@ import hashlib
 import json
 
 # Top-level config keys that belong to the protocol when present (model refs by their id).
-TOP_KEYS = ("model", "feature_model", "reference", "prompts", "dtype", "sampler", "clip_model")
+TOP_KEYS = ("model", "feature_model", "reference", "clip", "prompts", "dtype", "sampler")
 # Sampling keys that do not change the samples (batching only changes the order of work).
 SAMPLING_IGNORED = ("batch_size",)
 # Evaluation keys that do not change the per-sample scores (only how intervals are computed).

@@ -43,6 +43,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     description: str = ""
     reference_variant: str = "fp"  # the variant paired differences compare with (not the protocol)
+    reference: str | None = None  # reference statistics: None for the real digits, else a .npz or a folder
+    clip: dict | None = None  # {"model", "weights"} of the CLIP model, None without CLIP
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

@@ -21,6 +21,7 @@ guidance = 2.0
 seed = 0
 batch_size = 10
 bootstrap = 10
+clip_model = "none"
 
 [experiments.tiny.variants.fp]
 method = "none"

@@ -8,8 +8,8 @@ import pytest
 from engine.metrics.fid import feature_stats, frechet_distance
 from engine.metrics.floor import gaussian_floor
 from engine.metrics.kid import kid
-from engine.metrics.paired import (BETTER, SAME, WORSE, FidAgainstReference, bootstrap_indices, paired_fid,
-                                   paired_mean, verdict)
+from engine.metrics.fid import ReferenceSqrt, ResampledFID
+from engine.metrics.paired import BETTER, SAME, WORSE, bootstrap_resamples, paired_fid, paired_mean, verdict
 
 D = 8
 
@@ -22,7 +22,7 @@ def features(n, seed, shift=0.0):
 def test_identical_sets_give_zero_and_a_zero_interval():
     ref = feature_stats(features(400, 0))
     a = features(200, 1)
-    idx = bootstrap_indices(200, 50, seed=3)
+    idx = bootstrap_resamples(200, 50, seed=3)
     r = paired_fid(a, a.copy(), ref, idx)
     assert (r.diff, r.low, r.high) == (0.0, 0.0, 0.0) and r.verdict == SAME
     m = paired_mean("clip_score", a[:, 0], a[:, 0].copy(), idx)
@@ -33,7 +33,7 @@ def test_a_shifted_set_is_worse_and_its_interval_excludes_zero():
     ref = feature_stats(features(1000, 0))
     base = features(300, 1)
     shifted = base + 0.3  # the same samples, moved away from the reference
-    idx = bootstrap_indices(300, 100, seed=0)
+    idx = bootstrap_resamples(300, 100, seed=0)
     r = paired_fid(shifted, base, ref, idx)
     direct = frechet_distance(feature_stats(shifted), ref) - frechet_distance(feature_stats(base), ref)
     assert r.diff == pytest.approx(direct, rel=1e-9)
@@ -44,9 +44,10 @@ def test_a_shifted_set_is_worse_and_its_interval_excludes_zero():
 def test_a_resample_equals_the_direct_computation():
     ref = feature_stats(features(500, 0))
     x = features(120, 2)
-    row = bootstrap_indices(120, 1, seed=9)[0]
-    fast = FidAgainstReference(ref).of_resample(x, row)
-    assert fast == pytest.approx(frechet_distance(feature_stats(x[row]), ref), rel=1e-9)
+    counts = bootstrap_resamples(120, 1, seed=9)[0]
+    fast = ResampledFID(x, ReferenceSqrt.of(ref))(counts)
+    rows = np.repeat(np.arange(120), counts)
+    assert fast == pytest.approx(frechet_distance(feature_stats(x[rows]), ref), rel=1e-9)
 
 
 def test_paired_interval_covers_the_true_difference_95_percent_of_the_time():
@@ -59,7 +60,7 @@ def test_paired_interval_covers_the_true_difference_95_percent_of_the_time():
         shared = rng.exponential(1.0, n)  # the prompt/noise effect both runs share
         b = shared + rng.normal(0, 0.5, n)
         a = shared + true + rng.normal(0, 0.5, n)
-        r = paired_mean("clip_score", a, b, bootstrap_indices(n, 300, seed=s))
+        r = paired_mean("clip_score", a, b, bootstrap_resamples(n, 300, seed=s))
         hits += r.low <= true <= r.high
     assert 0.91 <= hits / sims <= 0.98, hits / sims
 

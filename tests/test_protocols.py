@@ -16,7 +16,7 @@ from engine.export import export, result_rows, to_markdown
 from engine.expectations import parse_expectation
 from engine.grids import SAMPLES_FILE, save_samples
 from engine.metrics.fid import feature_stats
-from engine.paired_runs import EVAL_FILE, compare_runs, expectation_outcomes, save_eval_data, update_paired
+from engine.paired_runs import compare_runs, expectation_outcomes, update_paired
 from engine.protocol import differences, family_hash, protocol_hash, protocol_key
 from engine.store import Store
 from engine.table_groups import group_rows
@@ -33,6 +33,21 @@ def config(variant, samples=60, seed=0, **extra):
             "sampling": {"samples": samples, "steps": 3, "guidance": 1.0, "seed": seed, "batch_size": 10}, **extra}
 
 
+def write_eval(folder, feats, labels, preds):
+    """eval.npz as engine/evaluate.py writes it, against the shared reference statistics."""
+    from engine.evaluate import save_eval
+    from engine.metrics.reference import save_stats
+
+    ref_path = folder.parent / "reference.npz"
+    if not ref_path.exists():
+        save_stats(ref_path, REF)
+    save_eval(folder, {"features": feats.astype(np.float32), "labels": labels.astype(np.int64),
+                       "preds": preds.astype(np.int64), "prompts": np.asarray([f"digit {l}" for l in labels]),
+                       "feature_model": np.asarray("f"), "clip_model": np.asarray(""),
+                       "reference": np.asarray("npz:test"), "reference_stats": np.asarray("../reference.npz"),
+                       "seed": np.int64(0), "version": np.int64(1)})
+
+
 def add_run(store, variant, shift=0.0, samples=60, seed=0, size=1000):
     """A finished run whose features are the shared base features (per seed) moved by `shift`."""
     rng = np.random.default_rng(seed)
@@ -43,7 +58,7 @@ def add_run(store, variant, shift=0.0, samples=60, seed=0, size=1000):
     rid = store.create_run("e", variant, config(variant, samples, seed), "h")
     folder = store.run_folder(rid)
     folder.mkdir(parents=True)
-    save_eval_data(folder / EVAL_FILE, feats, labels, preds, REF)
+    write_eval(folder, feats, labels, preds)
     images = (np.clip(feats[:, :1, None] * 40 + 128, 0, 255) * np.ones((1, 4, 4))).astype(np.uint8)
     save_samples(folder / SAMPLES_FILE, images, labels.tolist())
     from engine.metrics.fid import frechet_distance

@@ -9,8 +9,10 @@ comparable with published FIDs given the same features. This module only needs n
 scipy (no torch), so the TUI and tests can use it cheaply; extracting Inception features is
 someone else's job.
 
-Bootstrap intervals use an equivalent, faster form of the trace term (see
-`_trace_sqrt_product`) because 200 general `sqrtm` calls on 128x128 matrices take seconds.
+Bootstrap intervals use an equivalent, faster form of the trace term because 200 general
+`sqrtm` calls take seconds at 128 dimensions and hours at 2048: `ResampledFID` computes the FID
+of any weighted resample of one feature set from the reference's precomputed square root (one
+Gram matrix and one symmetric eigenvalue problem per resample); paired comparisons reuse it.
 
 For small matrices BLAS runs single-threaded here (threadpoolctl, a scikit-learn dependency):
 on a loaded 2-core machine multi-threaded OpenBLAS made one 128-d `sqrtm` take ~1 s instead
@@ -32,6 +34,9 @@ _IMAG_ATOL = 1e-3
 # Up to this dimension BLAS runs single-threaded: on the loaded 2-core dev box one sqrtm +
 # eigvalsh took 0.10 s vs 2.4 s (d=256) and 0.36 s vs 13.6 s (d=512) single vs multi-threaded.
 _SINGLE_THREAD_MAX_DIM = 512
+# Above this dimension the point estimate also uses the eigenvalue form (scipy's sqrtm takes
+# about 17 s at d = 2048); bench/bench_fid.py checks both agree with pytorch-fid to 1e-6.
+_SQRTM_MAX_DIM = 512
 
 
 @dataclass
@@ -91,7 +96,8 @@ def fid_bootstrap(
 ) -> tuple[float, float, float]:
     """(fid, ci_low, ci_high) for generated features against fixed reference statistics.
 
-    `fid` is the point estimate on all generated features (exactly `frechet_distance`). The
+    `fid` is the point estimate on all generated features (`frechet_distance`; above 512
+    dimensions its equal eigenvalue form, see `ResampledFID`). The
     reference statistics are fixed; the generated features are resampled with replacement
     `n_boot` times (RNG seeded with `seed`, so the result is reproducible) and the interval
     is the (alpha/2, 1 - alpha/2) percentile interval of the resampled FIDs, shifted by
@@ -109,21 +115,80 @@ def fid_bootstrap(
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     x = _as_features(gen_features)
-    point = frechet_distance(feature_stats(x), ref_stats)
-
-    ref_mu = np.asarray(ref_stats.mu, dtype=np.float64)
-    rng = np.random.default_rng(seed)
     n = x.shape[0]
-    boots = np.empty(n_boot)
     with _blas_threads_for(x.shape[1]):
-        ref_sqrt = _psd_sqrt(np.asarray(ref_stats.sigma, dtype=np.float64))
-        ref_trace = float(np.trace(ref_stats.sigma))
-        for i in range(n_boot):
-            st = feature_stats(x[rng.integers(0, n, size=n)])
-            boots[i] = _fast_distance(st, ref_mu, ref_sqrt, ref_trace)
+        resampled = ResampledFID(x, ReferenceSqrt.of(ref_stats))
+        if x.shape[1] <= _SQRTM_MAX_DIM:
+            point = frechet_distance(feature_stats(x), ref_stats)
+        else:
+            point = resampled(np.ones(n, dtype=np.int64))
+        boots = np.array([resampled(counts) for counts in bootstrap_counts(n, n_boot, seed)])
     boots += point - np.median(boots)
     low, high = np.percentile(boots, [50.0 * alpha, 100.0 - 50.0 * alpha])
     return point, float(low), float(high)
+
+
+def bootstrap_counts(n: int, n_boot: int, seed: int):
+    """The bootstrap resamples of n samples as counts [n] (how often each sample is drawn):
+    n draws with replacement each, from numpy's default_rng(seed). Every metric of a run, and
+    both runs of a paired comparison, use these same resamples for a given seed."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.bincount(rng.integers(0, n, size=n), minlength=n)
+
+
+@dataclass
+class ReferenceSqrt:
+    """Reference statistics prepared once for many fast distances: mean, the symmetric PSD
+    square root of the covariance, and its trace."""
+
+    mu: np.ndarray
+    sqrt: np.ndarray
+    trace: float
+
+    @classmethod
+    def of(cls, stats: FeatureStats) -> "ReferenceSqrt":
+        sigma = np.asarray(stats.sigma, dtype=np.float64)
+        return cls(mu=np.asarray(stats.mu, dtype=np.float64), sqrt=_psd_sqrt(sigma), trace=float(np.trace(sigma)))
+
+
+class ResampledFID:
+    """FID of weighted resamples of one feature set [n, d] against fixed reference statistics:
+    the core of bootstrap intervals and of paired comparisons (same counts for both runs).
+
+    `self(counts)` is the FID of the multiset holding row i `counts[i]` times (a bootstrap
+    resample is `np.bincount(indices, minlength=n)`), equal to `frechet_distance` on those rows
+    up to round-off. With ref = R^(1/2) R^(1/2) precomputed and Z = X R^(1/2) computed once here,
+    a resample costs one Gram matrix of its distinct rows of Z (a BLAS syrk) and one symmetric
+    eigenvalue problem: Tr sqrtm(S R) = sum sqrt(eig(R^(1/2) S R^(1/2))).
+    """
+
+    def __init__(self, features: np.ndarray, ref: ReferenceSqrt):
+        self.x = _as_features(features)
+        if self.x.shape[1] != ref.mu.shape[0]:
+            raise ValueError(f"features have dimension {self.x.shape[1]}, the reference {ref.mu.shape[0]}")
+        self.ref = ref
+        self.z = self.x @ ref.sqrt
+
+    def __call__(self, counts: np.ndarray) -> float:
+        from scipy.linalg.blas import dsyrk
+
+        counts = np.asarray(counts)
+        if counts.shape != (self.x.shape[0],):
+            raise ValueError(f"counts must have shape ({self.x.shape[0]},), got {counts.shape}")
+        idx = np.flatnonzero(counts)
+        w = counts[idx].astype(np.float64)
+        n = w.sum()
+        x = self.x[idx]
+        mu = (w @ x) / n
+        centred = x - mu
+        trace = float(w @ np.einsum("ij,ij->i", centred, centred)) / (n - 1)
+        zc = (self.z[idx] - mu @ self.ref.sqrt) * np.sqrt(w)[:, None]
+        # zc.T is Fortran-ordered: syrk reads it without a copy and returns zc.T @ zc (lower half)
+        gram = dsyrk(1.0 / (n - 1), zc.T, trans=0, lower=1)
+        eig = linalg.eigh(gram, lower=True, eigvals_only=True, overwrite_a=True, check_finite=False)
+        diff = mu - self.ref.mu
+        return float(diff @ diff + trace + self.ref.trace - 2.0 * np.sqrt(np.clip(eig, 0.0, None)).sum())
 
 
 def split_half_floor(ref_features: np.ndarray, seed: int = 0) -> float:
