@@ -42,7 +42,7 @@ def write_eval(folder, feats, labels, preds):
     if not ref_path.exists():
         save_stats(ref_path, REF)
     save_eval(folder, {"features": feats.astype(np.float32), "labels": labels.astype(np.int64),
-                       "preds": preds.astype(np.int64), "prompts": np.asarray([f"digit {l}" for l in labels]),
+                       "preds": preds.astype(np.int64), "clip": (20 + feats[:, 1]).astype(np.float32), "prompts": np.asarray([f"digit {l}" for l in labels]),
                        "feature_model": np.asarray("f"), "clip_model": np.asarray(""),
                        "reference": np.asarray("npz:test"), "reference_stats": np.asarray("../reference.npz"),
                        "seed": np.int64(0), "version": np.int64(1)})
@@ -125,6 +125,8 @@ def test_paired_differences_are_stored_when_the_reference_finishes_later(store):
     assert 0 < got["d_fid_ci_low"] < got["d_fid"] < got["d_fid_ci_high"]  # A is worse, significantly
     direct = compare_runs(store, a, fp)["fid"]
     assert (direct.low, direct.high) == (got["d_fid_ci_low"], got["d_fid_ci_high"])
+    assert got["d_clip_score_ci_low"] < got["d_clip_score"] < got["d_clip_score_ci_high"]
+    assert ref["d_clip_score"] == 0.0 and got["d_clip_score"] == pytest.approx(0.4, abs=0.05)
     b = add_run(store, "B", shift=0.4)  # finishes after the reference
     assert store.metrics(b)["d_fid"] > 0
 
