@@ -193,7 +193,7 @@ def to_json(store: Store, rows: list[dict]) -> str:
         run = store.get_run(row["id"])
         out.append(
             {
-                **{k: run[k] for k in ("id", "experiment", "variant", "status", "config_hash", "created_at",
+                **{k: run[k] for k in ("id", "experiment", "variant", "status", "config_hash", "protocol", "created_at",
                                        "started_at", "finished_at", "error", "git_commit", "host")},
                 "config": json.loads(run["config"] or "{}"),
                 "versions": json.loads(run["versions"] or "{}"),
