@@ -61,7 +61,8 @@ def test_paired_differences_kid_and_floor_of_a_real_run(finished):
     assert len({r["protocol"] for r in runs.values()}) == 1
     for variant in ("A", "B", "C"):
         m = store.metrics(runs[variant]["id"])
-        assert m["d_fid"] == pytest.approx(m["fid"] - fp["fid"], rel=1e-6, abs=1e-9)
+        # the eigenvalue core against sqrtm (inexact here: 20 samples, singular covariances)
+        assert m["d_fid"] == pytest.approx(m["fid"] - fp["fid"], abs=1e-6 * fp["fid"])
         assert m["d_fid_ci_low"] <= m["d_fid"] <= m["d_fid_ci_high"]
         assert m["kid_ci_low"] < m["kid"] < m["kid_ci_high"]
         data = load_eval_data(store.runs_dir / runs[variant]["folder"])
