@@ -161,8 +161,13 @@ def update_paired(store: Store, run_id: int) -> None:
         store.put_metrics(run_id, diff_metrics(zero))
     for target in targets:
         data = load_eval_data(store.runs_dir / target["folder"])
-        if data is not None:
-            store.put_metrics(target["id"], diff_metrics(paired_differences(data, ref_data, n_boot, seed)))
+        if data is None:
+            continue
+        try:
+            diffs = paired_differences(data, ref_data, n_boot, seed)
+        except ValueError:
+            continue  # not comparable after all (e.g. another reference file): no d_* rather than a failed run
+        store.put_metrics(target["id"], diff_metrics(diffs))
 
 
 @dataclass
