@@ -39,7 +39,8 @@ COLUMNS = [
     ("kid", "KID", "{:.4f}"),
     ("prompt_acc", "prompt acc", "{:.3f}"),
     ("d_prompt_acc_text", "d acc [paired 95% CI]", "{}"),
-    ("clip_score", "CLIP", "{:.3f}"),
+    ("clip_score", "CLIP", "{:.2f}"),
+    ("clip_ci", "CLIP 95% CI", "{}"),
     ("d_clip_score_text", "d CLIP [paired 95% CI]", "{}"),
     ("size_mb", "size MB", "{:.3f}"),
     ("size_ratio", "xFP32", "{:.3f}"),
@@ -55,7 +56,7 @@ COLUMNS = [
 
 
 PAIRED_KEYS = [f"d_{m}{s}" for m in ("fid", "prompt_acc", "clip_score") for s in ("", "_ci_low", "_ci_high")]
-TEXT_KEYS = ("experiment", "variant", "status", "bits", "protocol", "seeds", "fid_ci", "verdict",
+TEXT_KEYS = ("experiment", "variant", "status", "bits", "protocol", "seeds", "fid_ci", "clip_ci", "verdict",
              "d_fid_text", "d_prompt_acc_text", "d_clip_score_text")
 
 
@@ -92,6 +93,9 @@ def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] 
                 "fid_ci": f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else None,
                 "prompt_acc": r.get("prompt_acc"),
                 "clip_score": r.get("clip_score"),
+                "clip_score_ci_low": r.get("clip_score_ci_low"),
+                "clip_score_ci_high": r.get("clip_score_ci_high"),
+                "clip_ci": _interval(r.get("clip_score_ci_low"), r.get("clip_score_ci_high")),
                 "size_mb": size / 1e6 if size is not None else None,
                 "size_ratio": ratio,
                 "reduction_pct": (1 - ratio) * 100 if ratio is not None else None,
@@ -107,6 +111,10 @@ def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] 
             }
         )
     return rows
+
+
+def _interval(low, high) -> str | None:
+    return f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else None
 
 
 def visible_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -138,13 +146,14 @@ def display_rows(rows: list[dict], preferred: dict[str, str] | None = None) -> t
     return shown, cols, notes
 
 
-CSV_EXTRA = ["protocol", "seed", "samples", "fid_ci_low", "fid_ci_high", "kid_ci_low", "kid_ci_high", *PAIRED_KEYS,
+CSV_EXTRA = ["protocol", "seed", "samples", "fid_ci_low", "fid_ci_high", "clip_score_ci_low", "clip_score_ci_high",
+             "kid_ci_low", "kid_ci_high", *PAIRED_KEYS,
              "fid_floor", "error"]
 
 
 def to_csv(rows: list[dict]) -> str:
     """One line per run: the raw numbers (paired intervals as their two ends)."""
-    derived = ("protocol", "samples", "seeds", "fid_ci", "verdict", "d_fid_text", "d_prompt_acc_text", "d_clip_score_text")
+    derived = ("protocol", "samples", "seeds", "fid_ci", "clip_ci", "verdict", "d_fid_text", "d_prompt_acc_text", "d_clip_score_text")
     keys = [c[0] for c in COLUMNS if c[0] not in derived] + CSV_EXTRA
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore", lineterminator="\n")

@@ -21,7 +21,6 @@ guidance = 2.0
 seed = 0
 batch_size = 10
 bootstrap = 10
-clip_model = "none"
 
 [experiments.tiny.variants.fp]
 method = "none"
@@ -70,8 +69,40 @@ def tiny_experiments(tmp_path, tiny_models) -> Path:
 
 def engine(*args: str, cwd: Path | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run the `engine` CLI as a user would, in a subprocess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **kwargs.pop("env", {}))
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", *args], cwd=cwd, capture_output=True, text=True,
         timeout=timeout, env=env, **kwargs,
     )
+
+
+@pytest.fixture(scope="session")
+def inception_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME holding a random-weights Inception file where pytorch-fid looks for its
+    weights (hub/checkpoints/pt_inception-2015-12-05-6726825d.pth), built once per session."""
+    from engine.models.inception import WEIGHTS_NAME, write_random_weights
+
+    home = tmp_path_factory.mktemp("torch_home")
+    write_random_weights(home / "hub" / "checkpoints" / WEIGHTS_NAME)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random open_clip model in open_clip's local-dir layout (32x32 images)."""
+    import torch
+
+    from engine.train.digits_clip import ClipTrainConfig, save_local_dir
+
+    torch.manual_seed(0)
+    cfg = ClipTrainConfig(layers=1, width=32, heads=2, embed_dim=16, patch_size=8)
+    import open_clip
+
+    from engine.train.digits_clip import model_config
+
+    model_cfg = model_config(cfg)
+    model_cfg["vision_cfg"]["image_size"] = 32
+    folder = tmp_path_factory.mktemp("clip")
+    save_local_dir(folder, open_clip.model.CLIP(**model_cfg), cfg, list(range(49408)), model_cfg=model_cfg,
+                   preprocess={"size": 32})
+    return folder

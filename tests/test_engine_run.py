@@ -17,7 +17,8 @@ from tests.conftest import engine
 
 METRICS = {"fid", "fid_ci_low", "fid_ci_high", "prompt_acc", "size_bytes", "size_ratio",
            "latency_ms", "peak_mem_mb", "fid_floor", "mean_bits", "kid", "kid_ci_low", "kid_ci_high",
-           "d_fid", "d_fid_ci_low", "d_fid_ci_high", "d_prompt_acc"}
+           "d_fid", "d_fid_ci_low", "d_fid_ci_high", "d_prompt_acc", "d_clip_score", "clip_score",
+           "clip_score_ci_low", "clip_score_ci_high"}
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,12 @@ def test_all_variants_done_with_metrics(finished):
         assert METRICS <= set(metrics), run["variant"]
         assert metrics["fid_ci_low"] <= metrics["fid"] <= metrics["fid_ci_high"]
         assert 0 <= metrics["prompt_acc"] <= 1
+        assert 0 <= metrics["clip_score_ci_low"] <= metrics["clip_score"] <= metrics["clip_score_ci_high"] <= 100
+        assert any(a["kind"] == "eval" and a["path"].endswith("eval.npz") for a in store.artifacts(run["id"]))
         config = json.loads(run["config"])
         assert config["sampling"]["samples"] == 20 and run["config_hash"] and run["versions"]
     # the results table is printed
-    assert "prompt acc" in result.stdout and "FID floor" in result.stdout
+    assert "prompt acc" in result.stdout and "FID floor" in result.stdout and "CLIP" in result.stdout
 
 
 def test_paired_differences_kid_and_floor_of_a_real_run(finished):

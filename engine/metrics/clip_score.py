@@ -105,7 +105,7 @@ class ClipScorer:
         import torch
         import torchvision.transforms.v2.functional as TF
 
-        x = torch.round((images.float().clamp(-1, 1) + 1.0) * 127.5) / 255.0  # PNG levels
+        x = torch.round((images.detach().cpu().float().clamp(-1, 1) + 1.0) * 127.5) / 255.0  # PNG levels
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if tuple(x.shape[-2:]) != self.size:

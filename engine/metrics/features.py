@@ -77,7 +77,7 @@ class InceptionFeatures:
         return self.features01(x.float().div(255))
 
     def extract(self, images: torch.Tensor) -> tuple[np.ndarray, None]:
-        u8 = torch.round((images.float().clamp(-1, 1) + 1.0) * 127.5).to(torch.uint8)
+        u8 = torch.round((images.detach().cpu().float().clamp(-1, 1) + 1.0) * 127.5).to(torch.uint8)
         return self.extract_uint8(u8.numpy()), None
 
 

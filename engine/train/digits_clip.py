@@ -78,7 +78,9 @@ def zero_shot_accuracy(scorer: ClipScorer, images: torch.Tensor, labels: torch.T
     return (pred == labels).float().mean().item()
 
 
-def save_local_dir(out: Path, model: torch.nn.Module, cfg: ClipTrainConfig, used_ids: list[int]) -> None:
+def save_local_dir(out: Path, model: torch.nn.Module, cfg: ClipTrainConfig, used_ids: list[int],
+                   model_cfg: dict | None = None, preprocess: dict | None = None) -> None:
+    """Save in open_clip's local-dir layout (fp16 weights, unused token rows zeroed)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -87,8 +89,8 @@ def save_local_dir(out: Path, model: torch.nn.Module, cfg: ClipTrainConfig, used
     unused[used_ids] = False
     state["token_embedding.weight"][unused] = 0
     save_file(state, str(out / WEIGHTS_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_config(cfg), "preprocess_cfg": PREPROCESS},
-                                              indent=2) + "\n")
+    config = {"model_cfg": model_cfg or model_config(cfg), "preprocess_cfg": {**PREPROCESS, **(preprocess or {})}}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def unet_prompt_check(scorer: ClipScorer, n: int, log) -> dict:
