@@ -10,7 +10,7 @@ from engine.errors import UserError
 
 TRAINABLE = ("digits-unet", "digits-mmdit", "digits-classifier", "digits-clip")
 EXPORT_FORMATS = ("csv", "json", "md", "latex")
-TABLE_WIDTH = 230  # the results table, wide enough that no column is squeezed out
+TABLE_WIDTH = 320  # the results table, wide enough that no column is squeezed out
 
 
 def load(args):
