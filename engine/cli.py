@@ -1,4 +1,5 @@
-"""The `engine` command: list, run, queue, show, export and train. Heavy imports happen per command."""
+"""The `engine` command: list, run, queue, show, compare, report, export, stats and train. Heavy imports
+happen per command."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from engine.errors import UserError
 
 TRAINABLE = ("digits-unet", "digits-mmdit", "digits-classifier", "digits-clip")
 EXPORT_FORMATS = ("csv", "json", "md", "latex")
-TABLE_WIDTH = 160  # the results table, wide enough that no column is squeezed out
+TABLE_WIDTH = 320  # the results table, wide enough that no column is squeezed out
 
 
 def load(args):
@@ -207,13 +208,62 @@ def cmd_show(args) -> int:
                   f"{exp.samples} samples, {exp.steps} sampler steps, guidance {exp.guidance}, seed {exp.seed}")
     for name, v in exp.variants.items():
         console.print(f"  {name}: {v.method} {describe_bits(v.method, v.params)}  {v.description}")
+    if exp.seeds:
+        console.print(f"  seeds {list(exp.seeds)}: each variant once per seed")
     if (Path(args.runs_dir) / "qtui.db").exists():
+        from engine.paired_runs import expectation_outcomes, main_family
+        from engine.protocol import family_hash
+
         store = open_store(args)
-        ids = [r["id"] for r in store.runs(experiment=exp.name)]
-        if ids:
-            Console(width=max(console.width, TABLE_WIDTH)).print(results_table(store, ids, f"runs of {exp.name}"))
+        runs = store.runs(experiment=exp.name)
+        if runs:
+            family = main_family(runs, family_hash(exp.run_config(next(iter(exp.variants)))))
+            table = results_table(store, [r["id"] for r in runs], f"runs of {exp.name}", {exp.name: family})
+            Console(width=max(console.width, TABLE_WIDTH)).print(table)
+            print_expectations(console, expectation_outcomes(store, exp, family))
             return 0
     console.print("no runs yet")
+    print_expectations(console, [])
+    for e in exp.expectations:
+        console.print(f"  {e.text}: not run yet")
+    return 0
+
+
+def print_expectations(console, results) -> None:
+    """Each expectation: its outcome, and the paired difference per seed."""
+    if results:
+        console.print("[bold]expectations[/bold] (paired 95% intervals of the difference, per seed):")
+    for res in results:
+        colour = {"supported": "green", "contradicted": "red"}.get(res.outcome, "yellow")
+        console.print(f"  {res.text}: [{colour}]{res.outcome}[/{colour}]")
+        for seed, diff, outcome in res.per_seed:
+            if diff is not None:
+                console.print(f"    seed {seed}: {diff.diff:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] {outcome}")
+
+
+def cmd_compare(args) -> int:
+    from engine.paired_runs import compare_runs
+
+    store = open_store(args, create=False)
+    diffs = compare_runs(store, args.a, args.b)
+    a, b = store.get_run(args.a), store.get_run(args.b)
+    first = next(iter(diffs.values()))
+    print(f"run {args.a} ({a['experiment']}/{a['variant']}) - run {args.b} ({b['experiment']}/{b['variant']}), "
+          f"protocol {a['protocol']}: paired bootstrap over {first.n} shared samples, {first.n_boot} resamples, 95%")
+    for metric, d in diffs.items():
+        direction = "lower is better" if metric == "fid" else "higher is better"
+        who = f"run {args.a} ({a['variant']}) {d.verdict}" if d.verdict != "no significant difference" else d.verdict
+        print(f"  {metric:<11} {d.diff:+10.4f}  [{d.low:+.4f}, {d.high:+.4f}]  {who}  ({direction})")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from engine.report import write_report
+
+    exp = load(args).get(args.name)
+    store = open_store(args, create=False)
+    for path in write_report(store, exp, Path(args.out)):
+        print(path)
     return 0
 
 
@@ -334,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", parents=[common], help="an experiment's definition and results")
     p.add_argument("name")
     p.set_defaults(func=cmd_show)
+    p = sub.add_parser("compare", parents=[common], help="paired differences of two runs of one protocol")
+    p.add_argument("a", type=int, metavar="RUN")
+    p.add_argument("b", type=int, metavar="RUN")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("report", parents=[common], help="a Markdown report of an experiment (tables, plots, samples)")
+    p.add_argument("name")
+    p.add_argument("--out", required=True, help="directory to write report.md, table.tex and the PNGs into")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("export", parents=[common], help="the results table (csv, md, latex) or everything (json)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
     p.add_argument("--experiment", help="only this experiment")

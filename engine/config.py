@@ -27,6 +27,7 @@ from engine.models.pipeline_index import PipelineError, check_side, inspect_pipe
 from engine.models.registry import INDEX_FILE, SHIPPED_DIR, ModelNotFound, resolve_model
 from engine.prompts import PromptsError, read_prompts
 from engine.run_config import EvalConfig, ModelOptions, ModelRef, RunConfig, SamplingConfig
+from engine.expectations import BadExpectation, Expectation, parse_expectation
 
 INCEPTION = "inception"
 
@@ -52,6 +53,9 @@ EXPERIMENT_DEFAULTS = {
     "reference": None,  # None: the real digits (digits models); else a .npz (mu, sigma) or an image folder
     "clip_model": None,  # None: "digits-clip" for the digits models; "local-dir:<folder>", an open_clip name, "none"
     "clip_weights": None,  # the weights file of an open_clip architecture name
+    "seeds": None,  # repeats: each variant once per seed (instead of `seed`)
+    "reference_variant": "fp",  # what paired differences d_* compare each run with
+    "expect": [],  # expected outcomes, e.g. ["B < A on fid"] (engine/expectations.py)
 }
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -94,8 +98,15 @@ class Experiment:
     reference: str | None = None  # resolved path; None: the real digits
     clip_model: str | None = None  # resolved: "local-dir:<abs folder>" or an open_clip name; None: no CLIP
     clip_weights: str | None = None
+    seeds: tuple[int, ...] = ()  # the seeds each variant runs with; () means (seed,)
+    reference_variant: str = "fp"
+    expectations: tuple[Expectation, ...] = ()
 
-    def run_config(self, variant: str, samples: int | None = None) -> dict:
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
+
+    def run_config(self, variant: str, samples: int | None = None, seed: int | None = None) -> dict:
         """The full, resolved config of one run: what is stored, hashed and executed."""
         if self.needs_model is not None:
             raise UserError(f"experiment {self.name!r} needs model {self.needs_model}: no such folder "
@@ -113,7 +124,7 @@ class Experiment:
                 samples=samples if samples is not None else self.samples,
                 steps=self.steps,
                 guidance=self.guidance,
-                seed=self.seed,
+                seed=self.seed if seed is None else seed,
                 batch_size=self.batch_size,
                 negative_prompt=self.negative_prompt,
                 prompts=self.prompts,
@@ -122,6 +133,7 @@ class Experiment:
             ),
             eval=EvalConfig(bootstrap=self.bootstrap),
             model_options=self.options,
+            reference_variant=self.reference_variant,
             reference=self.reference,
             clip={"model": self.clip_model, "weights": self.clip_weights} if self.clip_model else None,
         ).to_dict()
@@ -240,6 +252,21 @@ class _Reader:
         variants = {
             v: self.variant(table + ["variants", v], v, r, paths["model"]) for v, r in variants_raw.items()
         }
+        seeds = self.seeds(table, raw)
+        reference = values["reference_variant"]
+        if not isinstance(reference, str):
+            self.fail(table, "reference_variant", f"must be a variant name, got {reference!r}")
+        if "reference_variant" in raw and reference not in variants:
+            self.fail(table, "reference_variant", f"no variant {reference!r}; variants: {', '.join(variants)}")
+        expect = values["expect"]
+        if not isinstance(expect, list):
+            self.fail(table, "expect", f"must be a list of strings like \"B < A on fid\", got {expect!r}")
+        expectations = []
+        for item in expect:
+            try:
+                expectations.append(parse_expectation(item, variants))
+            except BadExpectation as exc:
+                self.fail(table, "expect", str(exc))
         return Experiment(
             name=name,
             description=values["description"],
@@ -260,6 +287,9 @@ class _Reader:
             prompts_file=prompts_file,
             prompts_sha256=digest,
             needs_model=needs_model,
+            seeds=seeds,
+            reference_variant=reference,
+            expectations=tuple(expectations),
             **evaluation,
         )
 
@@ -332,6 +362,20 @@ class _Reader:
             self.fail(table, "prompts", f"must be a file name or a non-empty list of prompts, got {value!r}")
         return tuple(p.strip() for p in value), None, None
 
+
+    def seeds(self, table: list[str], raw: dict) -> tuple[int, ...]:
+        if "seeds" not in raw:
+            return ()
+        if "seed" in raw:
+            self.fail(table, "seeds", "give either seed or seeds, not both")
+        seeds = raw["seeds"]
+        if not isinstance(seeds, list) or not seeds:
+            self.fail(table, "seeds", f"must be a non-empty list of integers, got {seeds!r}")
+        for s in seeds:
+            self.integer(table, "seeds", s, 0)
+        if len(set(seeds)) != len(seeds):
+            self.fail(table, "seeds", f"has a repeated seed: {seeds}")
+        return tuple(seeds)
 
     def local_path(self, value: str) -> Path:
         path = Path(value).expanduser()

@@ -4,7 +4,9 @@ Built from a run's config (feature model, reference statistics, CLIP model), it 
 sampled images with their prompts (and class labels, where there are classes) into metrics:
 
 - `fid`, `fid_ci_low`, `fid_ci_high`: FID against the reference with a bootstrap interval
-  (`engine.metrics.fid.fid_bootstrap`), `fid_floor` where the reference has one;
+  (`engine.metrics.fid.fid_bootstrap`), `fid_floor`: a perfect generator's expected FID at
+  this run's sample count (engine/metrics/floor.py, from the reference's Gaussian fit);
+- `kid`, `kid_ci_low`, `kid_ci_high` where the reference keeps its features (engine/metrics/kid.py);
 - `prompt_acc` where the feature model classifies (the digits classifier) and labels are given;
 - `clip_score`, `clip_score_ci_low`, `clip_score_ci_high`: mean per-sample CLIP score
   (100 * max(cos, 0)) with a percentile bootstrap interval over the same resamples as FID.
@@ -41,6 +43,8 @@ import numpy as np
 import torch
 
 from engine.metrics.fid import FeatureStats, bootstrap_counts, fid_bootstrap, frechet_distance, feature_stats
+from engine.metrics.floor import gaussian_floor
+from engine.metrics.kid import kid
 from engine.metrics.reference import Reference, load_reference, load_stats
 
 EVAL_FILE = "eval.npz"
@@ -104,6 +108,11 @@ def mean_with_interval(values: np.ndarray, n_boot: int, seed: int, alpha: float 
     return mean, float(low), float(high)
 
 
+def run_floor(ref: FeatureStats, n_gen: int) -> float:
+    """The FID floor at n_gen samples; fewer draws at Inception size (each costs two eigh)."""
+    return gaussian_floor(ref, n_gen, draws=20 if ref.mu.shape[0] <= 512 else 5)[0]
+
+
 class Evaluator:
     def __init__(self, features, reference: Reference, clip=None):
         self.features, self.reference, self.clip = features, reference, clip
@@ -133,8 +142,10 @@ class Evaluator:
         else:
             fid = low = high = frechet_distance(feature_stats(feats), self.reference.stats)
         metrics = {"fid": fid, "fid_ci_low": low, "fid_ci_high": high}
-        if self.reference.floor is not None:
-            metrics["fid_floor"] = self.reference.floor
+        metrics["fid_floor"] = run_floor(self.reference.stats, len(feats))
+        ref_features = getattr(self.reference, "features", None)
+        if ref_features is not None:
+            metrics.update(zip(("kid", "kid_ci_low", "kid_ci_high"), kid(feats, ref_features)))
         label_array = np.asarray(labels, dtype=np.int64) if labels is not None else None
         if preds is not None and label_array is not None:
             metrics["prompt_acc"] = float((preds == label_array).mean())

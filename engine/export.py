@@ -1,6 +1,14 @@
 """Results as tables: one row per run, written as CSV, JSON, Markdown or LaTeX.
 
 Torch-free; `engine export`, `engine run`'s final table and qtui's export all use these.
+CSV and JSON have one row per run; the Markdown, LaTeX and terminal tables group runs by
+protocol and seeds and mark the best values within a group (engine/table_groups.py).
+
+"FID 95% CI" is the sampling spread of one run's FID: the percentile interval of the FIDs of
+its samples resampled with replacement (the reference statistics fixed), centred on the point
+estimate (engine/metrics/fid.py `fid_bootstrap`); it does not include FID's finite-sample bias
+(see the floor). Whether two variants differ is read from the paired difference to the
+reference variant ("dFID vs ref"), never from two overlapping per-run intervals.
 """
 
 from __future__ import annotations
@@ -10,7 +18,9 @@ import io
 import json
 
 from engine.methods import describe_bits
+from engine.protocol import family_hash, protocol_hash
 from engine.store import Store
+from engine.table_groups import group_rows
 
 # (key, header, format) of the results table, in display order.
 COLUMNS = [
@@ -19,11 +29,19 @@ COLUMNS = [
     ("variant", "variant", "{}"),
     ("status", "status", "{}"),
     ("bits", "bits", "{}"),
+    ("protocol", "protocol", "{}"),
+    ("samples", "n", "{}"),
+    ("seeds", "seeds", "{}"),
     ("fid", "FID", "{:.2f}"),
-    ("fid_ci", "95% CI", "{}"),
+    ("fid_ci", "FID 95% CI (own samples resampled)", "{}"),
+    ("d_fid_text", "dFID to ref [paired 95% CI]", "{}"),
+    ("verdict", "FID vs ref", "{}"),
+    ("kid", "KID", "{:.4f}"),
     ("prompt_acc", "prompt acc", "{:.3f}"),
+    ("d_prompt_acc_text", "d acc [paired 95% CI]", "{}"),
     ("clip_score", "CLIP", "{:.2f}"),
     ("clip_ci", "CLIP 95% CI", "{}"),
+    ("d_clip_score_text", "d CLIP [paired 95% CI]", "{}"),
     ("size_mb", "size MB", "{:.3f}"),
     ("size_ratio", "xFP32", "{:.3f}"),
     ("reduction_pct", "reduction %", "{:.1f}"),
@@ -35,6 +53,11 @@ COLUMNS = [
     ("calibration_s", "calib s", "{:.1f}"),
     ("quantize_s", "quant s", "{:.1f}"),
 ]
+
+
+PAIRED_KEYS = [f"d_{m}{s}" for m in ("fid", "prompt_acc", "clip_score") for s in ("", "_ci_low", "_ci_high")]
+TEXT_KEYS = ("experiment", "variant", "status", "bits", "protocol", "seeds", "fid_ci", "clip_ci", "verdict",
+             "d_fid_text", "d_prompt_acc_text", "d_clip_score_text")
 
 
 def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] | None = None) -> list[dict]:
@@ -49,6 +72,16 @@ def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] 
         ratio = r.get("size_ratio")
         rows.append(
             {
+                "_config": r["config"] or "{}",
+                "is_reference": r["variant"] == config.get("reference_variant", "fp"),
+                "protocol": r.get("protocol") or protocol_hash(config),
+                "family": family_hash(config),
+                "seed": config.get("sampling", {}).get("seed"),
+                "samples": config.get("sampling", {}).get("samples"),
+                **{k: r.get(k) for k in PAIRED_KEYS},
+                "kid": r.get("kid"),
+                "kid_ci_low": r.get("kid_ci_low"),
+                "kid_ci_high": r.get("kid_ci_high"),
                 "id": r["id"],
                 "experiment": r["experiment"],
                 "variant": r["variant"],
@@ -90,13 +123,38 @@ def visible_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def cell(row: dict, key: str, fmt: str) -> str:
+    """A value as text; "mean ± sd" on rows averaged over seeds."""
     value = row.get(key)
-    return "" if value is None else fmt.format(value)
+    if value is None:
+        return ""
+    sd = row.get(f"{key}_sd")
+    return fmt.format(value) + (f" ± {fmt.format(sd)}" if sd is not None else "")
+
+
+def is_best(row: dict, key: str) -> bool:
+    return key in row.get("_best", ())
+
+
+def display_rows(rows: list[dict], preferred: dict[str, str] | None = None) -> tuple[list[dict], list[dict], list[str]]:
+    """(grouped rows, their columns, notes) for the Markdown, LaTeX and terminal tables."""
+    shown, notes = group_rows(rows, preferred)
+    cols = visible_columns(shown)
+    if len({r["experiment"] for r in shown}) == 1 and len({r["protocol"] for r in shown}) == 1:
+        cols = [c for c in cols if c[0] != "protocol"]  # one protocol: nothing to tell apart
+    if all(r.get("seeds") and "," not in str(r["seeds"]) for r in shown) and len({r.get("seeds") for r in shown}) <= 1:
+        cols = [c for c in cols if c[0] != "seeds"]
+    return shown, cols, notes
+
+
+CSV_EXTRA = ["protocol", "seed", "samples", "fid_ci_low", "fid_ci_high", "clip_score_ci_low", "clip_score_ci_high",
+             "kid_ci_low", "kid_ci_high", *PAIRED_KEYS,
+             "fid_floor", "error"]
 
 
 def to_csv(rows: list[dict]) -> str:
-    keys = [c[0] for c in COLUMNS if c[0] not in ("fid_ci", "clip_ci")] + [
-        "fid_ci_low", "fid_ci_high", "clip_score_ci_low", "clip_score_ci_high", "fid_floor", "error"]
+    """One line per run: the raw numbers (paired intervals as their two ends)."""
+    derived = ("protocol", "samples", "seeds", "fid_ci", "clip_ci", "verdict", "d_fid_text", "d_prompt_acc_text", "d_clip_score_text")
+    keys = [c[0] for c in COLUMNS if c[0] not in derived] + CSV_EXTRA
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -104,12 +162,15 @@ def to_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def to_markdown(rows: list[dict]) -> str:
-    cols = visible_columns(rows)
+def to_markdown(rows: list[dict], preferred: dict[str, str] | None = None) -> str:
+    shown, cols, notes = display_rows(rows, preferred)
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |"]
-    lines.append("|" + "|".join("---" if k in ("experiment", "variant", "status", "bits") else "---:" for k, _, _ in cols) + "|")
-    for row in rows:
-        lines.append("| " + " | ".join(cell(row, k, f).replace("|", "\\|") for k, _, f in cols) + " |")
+    lines.append("|" + "|".join("---" if k in TEXT_KEYS else "---:" for k, _, _ in cols) + "|")
+    for row in shown:
+        texts = [cell(row, k, f).replace("|", "\\|") for k, _, f in cols]
+        texts = [f"**{t}**" if t and is_best(row, k) else t for t, (k, _, _) in zip(texts, cols)]
+        lines.append("| " + " | ".join(texts) + " |")
+    lines += [""] + [f"- {note}" for note in notes] if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -119,16 +180,18 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def to_latex(rows: list[dict]) -> str:
-    cols = visible_columns(rows)
-    align = "".join("l" if k in ("experiment", "variant", "status", "bits", "fid_ci", "clip_ci") else "r"
-                    for k, _, _ in cols)
+def to_latex(rows: list[dict], preferred: dict[str, str] | None = None) -> str:
+    shown, cols, notes = display_rows(rows, preferred)
+    align = "".join("l" if k in TEXT_KEYS else "r" for k, _, _ in cols)
     lines = [r"\begin{tabular}{" + align + "}", r"\hline"]
     lines.append(" & ".join(_latex_escape(h) for _, h, _ in cols) + r" \\")
     lines.append(r"\hline")
-    for row in rows:
-        lines.append(" & ".join(_latex_escape(cell(row, k, f)) for k, _, f in cols) + r" \\")
+    for row in shown:
+        texts = [_latex_escape(cell(row, k, f)).replace("±", r"$\pm$") for k, _, f in cols]
+        texts = [rf"\textbf{{{t}}}" if t and is_best(row, k) else t for t, (k, _, _) in zip(texts, cols)]
+        lines.append(" & ".join(texts) + r" \\")
     lines += [r"\hline", r"\end{tabular}"]
+    lines += [f"% {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +202,7 @@ def to_json(store: Store, rows: list[dict]) -> str:
         run = store.get_run(row["id"])
         out.append(
             {
-                **{k: run[k] for k in ("id", "experiment", "variant", "status", "config_hash", "created_at",
+                **{k: run[k] for k in ("id", "experiment", "variant", "status", "config_hash", "protocol", "created_at",
                                        "started_at", "finished_at", "error", "git_commit", "host")},
                 "config": json.loads(run["config"] or "{}"),
                 "versions": json.loads(run["versions"] or "{}"),

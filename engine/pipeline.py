@@ -15,6 +15,7 @@ import torch
 
 from engine.evaluate import EVAL_FILE, Evaluator
 from engine.grids import SAMPLES_FILE, comparison_grid, comparison_path, run_grid, save_samples, to_uint8
+from engine.paired_runs import update_paired
 from engine.models.loader import load_text_to_image
 from engine.methods import QuantContext, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
@@ -109,6 +110,7 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
     store.add_artifact(run_id, "grid", run_grid(images_u8, folder / "grid.png"))
     store.put_metrics(run_id, metrics)
     update_comparison(store, run.experiment, run_id)
+    update_paired(store, run_id)
     reporter.progress("save", 1, 1)
 
 

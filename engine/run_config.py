@@ -68,6 +68,7 @@ class RunConfig:
     model_options: ModelOptions = field(default_factory=ModelOptions, metadata=LATER)
     reference: str | None = later(None)  # FID reference statistics (.npz or image folder); None: the digits
     clip: dict | None = later(None)  # {"model": "local-dir:<folder>" or an open_clip name, "weights": file}
+    reference_variant: str = later("fp")  # the variant paired differences compare with (not the protocol)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from engine.config import Experiment, config_hash
-from engine.export import result_rows, visible_columns, cell
+from engine.export import TEXT_KEYS, cell, display_rows, is_best, result_rows, visible_columns
 from engine.executor import LOG_NAME, cancel_run
 from engine.scheduler import ensure_scheduler
 from engine.store import FINISHED, Store
@@ -65,12 +65,13 @@ def create_runs(store: Store, experiment: Experiment, variants: list[str], sampl
     launch = launch or launch_options()
     batch = uuid.uuid4().hex[:12]
     ids = []
-    for variant in variants:
-        config = experiment.run_config(variant, samples)
-        if sampling:
-            config["sampling"].update(sampling)
-        ids.append(store.create_run(experiment.name, variant, config, config_hash(config), commit, versions,
-                                    executor=launch["executor"], launch=launch, batch=batch))
+    for seed in experiment.run_seeds:  # one run per variant and seed, seed by seed
+        for variant in variants:
+            config = experiment.run_config(variant, samples, seed)
+            if sampling:
+                config["sampling"].update(sampling)
+            ids.append(store.create_run(experiment.name, variant, config, config_hash(config), commit, versions,
+                                        executor=launch["executor"], launch=launch, batch=batch))
     return ids
 
 
@@ -121,10 +122,12 @@ def run_experiment(store: Store, experiment: Experiment, variants: list[str], sa
     console = console or Console()
     launch = launch or launch_options(jobs=jobs)
     ids = queue_runs(store, experiment, variants, samples, launch)
-    names = dict(zip(ids, variants))
+    seeds = {i: json.loads(store.get_run(i)["config"])["sampling"]["seed"] for i in ids}
+    several = len(set(seeds.values())) > 1
+    names = {i: store.get_run(i)["variant"] + (f" s{seeds[i]}" if several else "") for i in ids}
     followers = {i: LogFollower(store.run_folder(i) / LOG_NAME) for i in ids}
     progress = Progress(
-        TextColumn("{task.fields[variant]:>8}"),
+        TextColumn("{task.fields[variant]:>10}"),
         TextColumn("{task.fields[stage]:<9}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -165,16 +168,24 @@ def run_experiment(store: Store, experiment: Experiment, variants: list[str], sa
 TABLE_SKIP = ("id", "experiment", "reduction_pct", "mean_bits")
 
 
-def results_table(store: Store, run_ids: list[int], title: str) -> Table:
-    rows = result_rows(store, run_ids=run_ids)
-    cols = [c for c in visible_columns(rows) if c[0] not in TABLE_SKIP]
+def results_table(store: Store, run_ids: list[int], title: str, preferred: dict[str, str] | None = None) -> Table:
+    """The runs grouped by protocol (P1, P2, ...) and seeds, best values in bold within a group."""
+    shown, cols, notes = display_rows(result_rows(store, run_ids=run_ids), preferred)
+    cols = [c for c in cols if c[0] not in TABLE_SKIP]
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for key, header, _ in cols:
-        left = key in ("variant", "status", "bits", "fid_ci", "clip_ci")
+        left = key in TEXT_KEYS
         table.add_column(header, justify="left" if left else "right", no_wrap=key != "bits")
-    for row in rows:
-        table.add_row(*(cell(row, k, f) for k, _, f in cols))
-    floors = [r["fid_floor"] for r in rows if r.get("fid_floor") is not None]
-    if floors:
-        table.caption = f"FID floor (two halves of the reference): {floors[0]:.2f}"
+    for row in shown:
+        table.add_row(*(f"[bold]{cell(row, k, f)}[/bold]" if is_best(row, k) else cell(row, k, f) for k, _, f in cols))
+    floors = {}
+    for row in shown:
+        if row.get("fid_floor") is not None:
+            floors.setdefault(row.get("samples"), row["fid_floor"])
+    caption = [", ".join(f"n={n}: {v:.2f}" for n, v in floors.items())] if floors else []
+    if caption:
+        caption[0] = f"FID floor (a perfect generator's FID at the run's sample count, Gaussian fit): {caption[0]}"
+    caption.append("FID 95% CI: this run's own samples resampled, reference fixed (spread, not bias); "
+                   "dFID: paired bootstrap against the reference variant on the same samples")
+    table.caption = "\n".join(caption + notes)
     return table

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
+
+from engine.protocol import protocol_hash
 
 SCHEMA_VERSION = 2
 DB_NAME = "qtui.db"
@@ -54,8 +57,6 @@ def retry_busy(step, deadline_s: float = BUSY_TIMEOUT_MS / 1000):
     process holds a write lock on it fails at once with "database is locked" (SQLite refuses
     to wait where waiting could deadlock). Two `engine run`s started together into a new runs
     folder hit exactly that; retrying with a short backoff until the deadline fixes it."""
-    import sqlite3
-
     start, pause = time.monotonic(), 0.01
     while True:
         try:
@@ -107,6 +108,7 @@ class Store:
         try:
             retry_busy(db.enable_wal)
             retry_busy(store._migrate)
+            retry_busy(store._add_protocol_column)
         except BaseException:
             db.conn.close()
             raise
@@ -228,6 +230,24 @@ class Store:
             "insert or replace into meta (key, value) values ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
 
+    def _add_protocol_column(self) -> None:
+        """`runs.protocol` (engine/protocol.py), added in place and filled in for old runs.
+        Idempotent and safe when two processes open an old database at once."""
+        if "protocol" not in self.db["runs"].columns_dict:
+            try:
+                with self.db.conn:
+                    self.db.conn.execute("alter table runs add column protocol text")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
+        missing = self.db.execute("select id, config from runs where protocol is null").fetchall()
+        if missing:
+            with self.db.conn:
+                self.db.conn.executemany(
+                    "update runs set protocol = ? where id = ?",
+                    [(protocol_hash(config or "{}"), run_id) for run_id, config in missing],
+                )
+
     def schema_version(self) -> int:
         return int(self.db["meta"].get("schema_version")["value"])
 
@@ -252,6 +272,7 @@ class Store:
                     "status": "queued",
                     "config": json.dumps(config, sort_keys=True),
                     "config_hash": config_hash,
+                    "protocol": protocol_hash(config),
                     "created_at": utc_now(),
                     "git_commit": git_commit,
                     "host": socket.gethostname(),

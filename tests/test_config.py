@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from engine.config import config_hash, find_line, load_catalogue
@@ -52,6 +54,13 @@ BAD = [
      "no model 'no-such-model'", 31),
     ("samples zero", "@@\n[experiments.other]\nmodel = '@M'\nsamples = 0\n[experiments.other.variants.a]\nmethod = 'none'\n",
      "samples: must be >= 1", 32),
+    ("unreadable expectation", "@@\nexpect = ['B << A on fid']\n", "cannot read 'B << A on fid'", 12),
+    ("expectation of an unknown variant", "@@\nexpect = ['Z < A on fid']\n", "no variant 'Z'", 12),
+    ("expectation on an unknown metric", "@@\nexpect = ['B < A on speed']\n", "no paired metric 'speed'", 12),
+    ("untestable expectation", "@@\nexpect = ['B <= A on fid']\n", "only '<' and '>'", 12),
+    ("expect not a list", "@@\nexpect = 'B < A on fid'\n", "must be a list", 12),
+    ("seed and seeds", "@@\nseeds = [0, 1]\n", "either seed or seeds", 12),
+    ("unknown reference variant", "@@\nreference_variant = 'Q'\n", "no variant 'Q'", 12),
 ]
 
 
@@ -126,3 +135,20 @@ def test_cli_database_unchanged_by_bad_input(tiny_experiments, tmp_path):
     assert result.returncode == 2
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(runs.iterdir())}
     assert after == before
+
+
+def test_seeds_run_each_variant_once_per_seed(tiny_experiments, tmp_path):
+    from engine.protocol import family_hash
+    from engine.runner import create_runs
+    from engine.store import Store
+
+    text = tiny_experiments.read_text().replace("seed = 0\n", "seeds = [0, 1]\nexpect = [\"B < A on fid\"]\n")
+    tiny_experiments.write_text(text)
+    exp = load_catalogue(tiny_experiments).get("tiny")
+    assert exp.run_seeds == (0, 1) and [e.text for e in exp.expectations] == ["B < A on fid"]
+    store = Store.open(tmp_path / "runs")
+    ids = create_runs(store, exp, ["fp", "A"], None)
+    runs = [store.get_run(i) for i in ids]
+    assert [(r["variant"], json.loads(r["config"])["sampling"]["seed"]) for r in runs] == [
+        ("fp", 0), ("A", 0), ("fp", 1), ("A", 1)]
+    assert len({r["protocol"] for r in runs}) == 2 and len({family_hash(r["config"]) for r in runs}) == 1

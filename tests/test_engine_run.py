@@ -16,8 +16,9 @@ from engine.store import Store
 from tests.conftest import engine
 
 METRICS = {"fid", "fid_ci_low", "fid_ci_high", "prompt_acc", "size_bytes", "size_ratio",
-           "latency_ms", "peak_mem_mb", "fid_floor", "mean_bits", "clip_score", "clip_score_ci_low",
-           "clip_score_ci_high"}
+           "latency_ms", "peak_mem_mb", "fid_floor", "mean_bits", "kid", "kid_ci_low", "kid_ci_high",
+           "d_fid", "d_fid_ci_low", "d_fid_ci_high", "d_prompt_acc", "d_clip_score", "clip_score",
+           "clip_score_ci_low", "clip_score_ci_high"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,31 @@ def test_all_variants_done_with_metrics(finished):
         assert config["sampling"]["samples"] == 20 and run["config_hash"] and run["versions"]
     # the results table is printed
     assert "prompt acc" in result.stdout and "FID floor" in result.stdout and "CLIP" in result.stdout
+
+
+def test_paired_differences_kid_and_floor_of_a_real_run(finished):
+    """Every run keeps its per-sample data; d_* against fp equal `engine compare`'s numbers."""
+    result, store, _, _ = finished
+    from engine.metrics.fid import feature_stats, frechet_distance
+    from engine.paired_runs import load_eval_data
+
+    runs = {r["variant"]: r for r in store.runs(experiment="tiny")}
+    fp = store.metrics(runs["fp"]["id"])
+    assert fp["d_fid"] == fp["d_fid_ci_low"] == fp["d_fid_ci_high"] == 0.0
+    assert len({r["protocol"] for r in runs.values()}) == 1
+    for variant in ("A", "B", "C"):
+        m = store.metrics(runs[variant]["id"])
+        # the eigenvalue core against sqrtm (inexact here: 20 samples, singular covariances)
+        assert m["d_fid"] == pytest.approx(m["fid"] - fp["fid"], abs=1e-6 * fp["fid"])
+        assert m["d_fid_ci_low"] <= m["d_fid"] <= m["d_fid_ci_high"]
+        assert m["kid_ci_low"] < m["kid"] < m["kid_ci_high"]
+        data = load_eval_data(store.runs_dir / runs[variant]["folder"])
+        assert data.features.shape[0] == 20
+        assert frechet_distance(feature_stats(data.features), data.ref) == pytest.approx(m["fid"], rel=1e-9)
+        assert m["fid_floor"] > 0
+    out = engine("compare", str(runs["B"]["id"]), str(runs["fp"]["id"]), "--runs-dir", str(store.runs_dir))
+    assert out.returncode == 0 and f"{store.metrics(runs['B']['id'])['d_fid']:+10.4f}" in out.stdout
+    assert "dFID to ref" in result.stdout
 
 
 def test_layer_roles_and_bits_follow_each_variant(finished):

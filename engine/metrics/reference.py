@@ -41,6 +41,7 @@ class Reference:
     id: str  # what they are: "digits", a folder's content key, or an npz file's digest
     path: Path | None  # the npz holding them (a cache file or the user's file)
     floor: float | None = None
+    features: np.ndarray | None = None  # the reference's feature vectors where known (for KID)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -122,30 +123,52 @@ def stats_with_floor(features: np.ndarray) -> tuple[FeatureStats, float | None]:
     return feature_stats(features), floor
 
 
+def _features_file(cached: Path) -> Path:
+    return cached.with_name(cached.stem + ".features.npy")
+
+
+def _cached_features(cached: Path) -> np.ndarray | None:
+    path = _features_file(cached)
+    return np.load(path) if path.is_file() else None
+
+
+def _save_features(cached: Path, features: np.ndarray) -> None:
+    path = _features_file(cached)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, np.asarray(features, dtype=np.float32))
+    os.replace(tmp, path)
+
+
 def folder_reference(folder: Path, extractor, cache_dir: Path) -> Reference:
     key = folder_key(folder, extractor.id)
     cached = Path(cache_dir) / f"reference-{key}.npz"
     if cached.is_file():
         stats, floor = load_stats(cached)
+        features = _cached_features(cached)
     else:
-        stats, floor = stats_with_floor(folder_features(folder, extractor))
+        features = folder_features(folder, extractor)
+        stats, floor = stats_with_floor(features)
         save_stats(cached, stats, floor=floor)
-    return Reference(stats=stats, id=f"folder:{key}", path=cached, floor=floor)
+        _save_features(cached, features)
+    return Reference(stats=stats, id=f"folder:{key}", path=cached, floor=floor, features=features)
 
 
 def digits_reference(extractor, cache_dir: Path) -> Reference:
     """The real digits in the extractor's feature space."""
     key = hashlib.sha256(f"{DIGITS}\0{extractor.id}".encode()).hexdigest()[:16]
     cached = Path(cache_dir) / f"reference-{key}.npz"
-    if cached.is_file():
+    features = _cached_features(cached) if cached.is_file() else None
+    if cached.is_file() and features is not None:
         stats, floor = load_stats(cached)
     else:
         from engine.data.digits import load_digits_16
 
         real, _ = load_digits_16()
-        stats, floor = stats_with_floor(extractor.extract(real)[0])
+        features = extractor.extract(real)[0]
+        stats, floor = stats_with_floor(features)
         save_stats(cached, stats, floor=floor)
-    return Reference(stats=stats, id=DIGITS, path=cached, floor=floor)
+        _save_features(cached, features)
+    return Reference(stats=stats, id=DIGITS, path=cached, floor=floor, features=features)
 
 
 def npz_reference(path: Path) -> Reference:
