@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-# Top-level config keys that belong to the protocol when present (model refs by their id).
-TOP_KEYS = ("model", "feature_model", "reference", "clip", "prompts", "dtype", "sampler")
+# Top-level config keys that belong to the protocol when present (model refs by their id;
+# model_options: dtype, T5, scheduler, height and width).
+TOP_KEYS = ("model", "feature_model", "model_options", "reference", "clip", "prompts", "dtype", "sampler")
 # Sampling keys that do not change the samples (batching only changes the order of work).
 SAMPLING_IGNORED = ("batch_size",)
 # Evaluation keys that do not change the per-sample scores (only how intervals are computed).
@@ -34,9 +35,16 @@ def _as_dict(config) -> dict:
 
 
 def _ref(value):
-    """A model reference by its id (paths differ between machines); other values as they are."""
+    """A model reference by its id (paths differ between machines), files of the shipped models
+    relative to their folder (so a moved checkout keeps its protocols); other values as they are."""
     if isinstance(value, dict) and "id" in value:
         return value["id"]
+    if isinstance(value, dict):
+        return {k: _ref(v) for k, v in value.items()}
+    if isinstance(value, str):
+        from engine.models.registry import SHIPPED_DIR
+
+        return value.replace(str(SHIPPED_DIR), "models")
     return value
 
 

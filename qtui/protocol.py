@@ -5,14 +5,12 @@ feature space and the prompt classifier), and the sampling (samples, sampler ste
 seed: the same prompts and the same initial noise). The quantization method is what varies
 between the runs of one protocol; the batch size and the description change no number.
 
-`protocol_key` is the one place qtui decides this. When the engine stores a protocol hash per
-run, this function is the one to replace with a read of it. Standard library only.
+`protocol_key` is the one place qtui decides this: the engine's `protocol_hash`, which the
+engine stores per run as well, so qtui and `engine show` group runs alike.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 
 SAMPLING_KEYS = ("samples", "steps", "guidance", "seed")
 
@@ -30,13 +28,15 @@ def protocol_fields(config: dict) -> dict:
 
 
 def protocol_key(config: dict) -> str:
-    """A short stable key: equal for runs of one protocol, different otherwise. Configs with
-    no protocol information at all (old or foreign rows) get the empty key."""
+    """The engine's protocol hash (engine.protocol, standard library only; stored per run too):
+    equal for runs of one protocol, different otherwise. Configs with no protocol information at
+    all (old or foreign rows) get the empty key."""
+    from engine.protocol import protocol_hash
+
     fields = protocol_fields(config)
     if fields["model"] is None and not any(v is not None for v in fields["sampling"].values()):
         return ""
-    text = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    return protocol_hash(config)
 
 
 def describe_protocol(config: dict) -> str:

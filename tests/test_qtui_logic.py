@@ -248,7 +248,9 @@ def test_run_info_from_stored_configs():
                                  description="conv W4, attention W8"))
     description, quant, samples, protocol = derive(text)
     assert (description, quant, samples) == ("conv W4, attention W8", "conv W4, attention W8, linear W4", 100)
-    assert len(protocol) == 8
+    from engine.protocol import protocol_hash
+
+    assert protocol == protocol_hash(text)  # qtui groups runs as the engine does
     assert derive(None) == ("", "", None, "") and derive("not json")[:3] == ("", "", None)
     assert derive(json.dumps({"method": "nonexistent"}))[1] == "nonexistent"
 

@@ -36,6 +36,7 @@ KNOWN_COLUMNS = {
     "finished_at", "heartbeat_at", "error", "git_commit", "host", "pid", "executor", "versions", "folder",
     # the scheduler's bookkeeping (engine.queue_store): how a run waits and is claimed, not what it is
     "queue_pos", "batch", "launch", "claimed_by", "claimed_at", "cancel_requested", "ingested",
+    "protocol",  # shown under Protocol
 }
 
 
