@@ -188,3 +188,20 @@ def layer_rows(weight_rows: list[dict], plans: dict, softmax: dict, settings: DG
         if row["name"].endswith(".to_v") and parent in softmax:
             rows.append(_softmax_row(parent, *softmax[parent], settings))
     return rows
+
+
+def prepare_quantized(denoiser: nn.Module, settings: DGQSettings, state: dict[str, torch.Tensor]) -> None:
+    """Give a freshly loaded full-precision denoiser the quantizers of a dgq/minmax run, their
+    buffers shaped as in the run's checkpoint `state` (`load_packed`), so that the checkpoint
+    loads into it with `load_state_dict(strict=True)` and it computes what the run evaluated."""
+    from engine.quant.dgq.groups import AXIS_NAMES, GroupPlan
+
+    for name, module, _ in quantizable_layers(denoiser):
+        plan = GroupPlan(axis=AXIS_NAMES[int(state[f"{name}.dgq_axis"])], labels=state[f"{name}.dgq_group"],
+                         scale=state[f"{name}.dgq_scale"], zero=state[f"{name}.dgq_zero"], spreads={})
+        add_group_quant(module, name, plan, settings.act_bits)
+    for name, module in attention_modules(denoiser):
+        proc = QuantSoftmaxAttnProcessor(name, settings.softmax)
+        proc.active = True
+        module.set_processor(proc)
+        set_softmax_buffers(module, float(state[f"{name}.softmax_delta"]), float(state[f"{name}.softmax_lo"]))

@@ -29,10 +29,31 @@ def log2_codes(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(-torch.log2(x / _safe(delta))).clamp_(0, 2**bits - 1)
 
 
+# round(log2 y) for a normal float32 y = 2^E (1 + f) is E + [f > sqrt(2) - 1]. With the
+# mantissa bits M = f 2^23 (an integer; (sqrt(2) - 1) 2^23 is not), that is M >= 3474676:
+# adding 2^23 - 3474676 to the bit pattern carries into the exponent exactly then, and
+# clearing the mantissa leaves 2^round(log2 y). Cheaper than log2 and exp2 (bench/bench_dgq.py).
+_CARRY = 2**23 - 3474676
+_EXPONENT_MASK = -(2**23)  # 0xFF800000 as int32: sign and exponent bits
+
+
+def nearest_power_of_two(y: torch.Tensor) -> torch.Tensor:
+    """2^round(log2 y) for a float32 y >= 0 (0 stays 0), computed on the bit pattern; in place."""
+    bits = y.view(torch.int32)
+    bits.add_(_CARRY).bitwise_and_(_EXPONENT_MASK)
+    return y
+
+
 def log2_fake_quant(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    delta = _safe(delta).to(x.dtype)
-    codes = torch.log2(x / delta).neg_().round_().clamp_(0, 2**bits - 1)
-    return torch.exp2(codes.neg_()).mul_(delta)
+    """delta * 2^-clamp(round(-log2(x / delta)), 0, 2^bits - 1), as `log2_codes` (x >= 0)."""
+    delta = _safe(delta).float()
+    y = nearest_power_of_two(x.float() / delta)
+    smallest = 2.0 ** -(2**bits - 1)  # the last level (0 in float32 for 8 bits: 2^-255 underflows)
+    return y.clamp_(smallest, 1.0).mul_(delta).to(x.dtype)
+
+
+def log2_dequantize(codes: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(-codes) * delta
 
 
 def uniform_fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
