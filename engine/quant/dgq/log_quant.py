@@ -4,7 +4,7 @@ log2 (DGQ):  code = clamp(round(-log2(x / delta)), 0, 2^bits - 1),  x_hat = delt
     Levels are delta, delta/2, delta/4, ...: the many small probabilities keep their order of
     magnitude, which a uniform grid rounds to zero. x = 0 gets the smallest level; values
     above delta are clipped to delta.
-uniform:     code = clamp(round(x / s) + z, 0, 2^bits - 1),  x_hat = (code - z) * s, over
+uniform:     code = clamp(round(x / s + z), 0, 2^bits - 1),  x_hat = (code - z) * s, over
     [lo, hi] (s = (hi - lo) / (2^bits - 1), z = round(-lo / s)): the min-max baseline's grid
     (lo, hi the calibrated min and max), and DGQ's "no log quantizer" ablation (lo = 0,
     hi = delta).
@@ -61,7 +61,7 @@ def uniform_fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits
     width = hi - lo
     s = torch.where(width > 0, width / qmax, torch.ones_like(width)).to(x.dtype)
     z = torch.round(-lo.to(x.dtype) / s)
-    return torch.round(x / s).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
+    return torch.addcmul(z, x, 1 / s).round_().clamp_(0, qmax).sub_(z).mul_(s)
 
 
 def fake_quant(x: torch.Tensor, delta: torch.Tensor, bits: int, log: bool) -> torch.Tensor:
