@@ -14,6 +14,7 @@ imports torch.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import re
 import tomllib
@@ -181,8 +182,8 @@ class _Reader:
         self.integer(table, "batch_size", values["batch_size"], 1)
         self.integer(table, "bootstrap", values["bootstrap"], 0)
         guidance = values["guidance"]
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
-            self.fail(table, "guidance", f"must be a number >= 0, got {guidance!r}")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
+            self.fail(table, "guidance", f"must be a finite number >= 0, got {guidance!r}")
         variants_raw = raw.get("variants")
         if not isinstance(variants_raw, dict) or not variants_raw:
             self.fail(table, "variants", "needs at least one [experiments.NAME.variants.V] table")

@@ -142,7 +142,7 @@ def validate_fisher(keys: dict) -> dict:
     strategy = keys.get("strategy")
     if strategy is None:
         raise BadKey("strategy", f"method 'fisher' needs a strategy: {', '.join(STRATEGIES)}")
-    if strategy not in STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise BadKey("strategy", f"unknown strategy {strategy!r}; strategies are {', '.join(STRATEGIES)}")
     _check_key_names(keys, strategy)
     out: dict = {"strategy": strategy}

@@ -19,6 +19,7 @@ from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, 
 from engine.models.loader import load_feature_model, load_text_to_image
 from engine.methods import QuantContext, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
+from engine.quant.packing import bits_per_weight
 from engine.run_config import RunConfig
 from engine.sampling import initial_noise, sample_images
 from engine.store import Store
@@ -53,6 +54,7 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
     else:
         path = folder / CHECKPOINT_FILE
         size = store_and_reload(model.denoiser, result.packed, result.half, path)
+        metrics["bits_per_weight"] = bits_per_weight(path)
         if result.max_bytes is not None and size > result.max_bytes:
             raise RuntimeError(f"{path}: {size} bytes exceed the budget of {result.max_bytes}")
         store.add_artifact(run_id, "checkpoint", path)

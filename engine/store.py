@@ -27,6 +27,30 @@ FINISHED = ("done", "failed", "cancelled")
 LAYER_QUANTITIES = ("bits", "weight_err", "fisher", "sensitivity", "out_err")
 
 
+BUSY_TIMEOUT_MS = 10000
+
+
+def retry_busy(step, deadline_s: float = BUSY_TIMEOUT_MS / 1000):
+    """Run `step()`, retrying while SQLite says the database is locked or busy.
+
+    The busy timeout does not cover every lock: switching a new database to WAL while another
+    process holds a write lock on it fails at once with "database is locked" (SQLite refuses
+    to wait where waiting could deadlock). Two `engine run`s started together into a new runs
+    folder hit exactly that; retrying with a short backoff until the deadline fixes it."""
+    import sqlite3
+
+    start, pause = time.monotonic(), 0.01
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "locked" not in text and "busy" not in text or time.monotonic() - start > deadline_s:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -50,10 +74,14 @@ class Store:
             raise FileNotFoundError(f"{path}: no database here")
         runs_dir.mkdir(parents=True, exist_ok=True)
         db = sqlite_utils.Database(path)
-        db.conn.execute("PRAGMA busy_timeout = 10000")
-        db.enable_wal()
+        db.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         store = cls(db=db, runs_dir=runs_dir)
-        store._migrate()
+        try:
+            retry_busy(db.enable_wal)
+            retry_busy(store._migrate)
+        except BaseException:
+            db.conn.close()
+            raise
         return store
 
     def close(self) -> None:

@@ -68,3 +68,48 @@ def test_two_writer_processes(tmp_path):
         assert p.exitcode == 0
     store = Store.open(tmp_path)
     assert len(store.runs()) == 100 and len(store.results()) == 100
+
+
+def test_open_waits_for_a_writer_while_switching_to_wal(tmp_path):
+    """A new database held by another process's write transaction (rollback journal, as a
+    database is before it is switched to WAL): `PRAGMA journal_mode=wal` fails at once with
+    "database is locked" whatever the busy timeout; Store.open must wait and succeed."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "qtui.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time\n"
+         "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "c.execute('create table x(a)'); c.execute('BEGIN IMMEDIATE'); c.execute('insert into x values (1)')\n"
+         "print('held', flush=True); time.sleep(1.5); c.execute('COMMIT')\n",
+         str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        store = Store.open(tmp_path)
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        store.close()
+    finally:
+        holder.wait(timeout=10)
+
+
+def test_engines_started_together_all_open_a_new_database(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    start = time.time() + 1.0
+    code = ("import sys, time\n"
+            "while time.time() < float(sys.argv[2]): pass\n"
+            "from engine.store import Store\n"
+            "s = Store.open(sys.argv[1]); s.create_run('e', 'v', {}, 'h'); s.close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(start)], stderr=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    store = Store.open(tmp_path)
+    assert len(store.runs()) == 6
+    store.close()
