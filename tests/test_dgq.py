@@ -329,3 +329,46 @@ def test_images_come_from_the_stored_dgq_checkpoint(finished, tiny_models):
     quantized = to_uint8(sample_images(model, *args)).astype(int)
     assert np.abs(quantized - stored.astype(int)).max() <= 1
     assert np.abs(full_precision - stored.astype(int)).max() > 1
+
+
+def _sd_style_unet():
+    """A tiny UNet2DConditionModel with Stable Diffusion 1.x's block types and a CLIP-like
+    77-token context (the bring-your-own SD pipeline's denoiser, random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8,
+    ).eval()
+
+
+@pytest.mark.parametrize("method", ["dgq", "minmax"])
+def test_dgq_applies_unchanged_to_a_stable_diffusion_unet(method, tmp_path):
+    from engine.quant.checkpoint import store_and_reload
+    from engine.quant.dgq.calibration import DGQSettings, quantize_denoiser
+
+    unet = _sd_style_unet()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=g)
+    states = torch.randn(4, 77, 24, generator=g)
+    states[:, 0] = 4 * states[0, 0]  # every prompt starts with the same start-of-text state
+    with torch.no_grad():
+        reference = unet(latents, 10, states).sample
+        keys = {"bits": 8, "act_bits": 8, **({"groups": 8} if method == "dgq" else {})}
+        settings = DGQSettings.from_params(validate_method(method, keys), minmax=method == "minmax")
+        result = quantize_denoiser(unet, settings, lambda: [unet(latents, t, states) for t in (900, 500, 10)])
+        quantized = unet(latents, 10, states).sample
+        store_and_reload(unet, result.packed, result.half, tmp_path / "weights.safetensors")
+        reloaded = unet(latents, 10, states).sample
+    assert torch.equal(reloaded, quantized)
+    error = ((quantized - reference).norm() / reference.norm()).item()
+    assert 0 < error < 0.2
+    softmax = [row for row in result.layers if row["role"] == "softmax"]
+    names = {row["name"] for row in softmax}
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.softmax" in names and len(names) == 2 * 4  # down 1, mid 1, up 2
+    cross = [json.loads(row["extra"]) for row in softmax if json.loads(row["extra"])["cross"]]
+    assert len(cross) == 4 and all(0 < c["start_share"] < 1 and c["start_token_fp"] == (method == "dgq") for c in cross)
+    k_rows = [json.loads(r["extra"]) for r in result.layers if r["name"].endswith("attn2.to_k")]
+    assert all(e["act_groups"] == (8 if method == "dgq" else 1) for e in k_rows)

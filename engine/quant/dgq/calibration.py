@@ -107,7 +107,21 @@ def _restore(targets, attns) -> None:
 
 
 def quantize_dgq(model, settings: DGQSettings, sampling: dict, progress: Progress | None = None) -> DGQResult:
-    denoiser = model.denoiser
+    """Calibrate on the model's own sampling trajectory (its sampler and guidance), then quantize."""
+    from engine.sampling import sample_images
+
+    prompts, noise = calibration_prompts(model, settings)
+    on_progress = (lambda done, total: progress("calibrate", done, total)) if progress else None
+    trajectory = lambda: sample_images(model, prompts, noise, settings.steps, sampling["guidance"],
+                                       sampling["batch_size"], on_progress=on_progress)
+    return quantize_denoiser(model.denoiser, settings, trajectory)
+
+
+def quantize_denoiser(denoiser: nn.Module, settings: DGQSettings, run_calibration: Callable[[], object]) -> DGQResult:
+    """Quantize any denoiser built from Conv/Linear layers and diffusers `Attention` modules
+    (a UNet2DConditionModel of the digits model or of Stable Diffusion): `run_calibration()`
+    runs the full-precision denoiser over the calibration data (the pipeline family's own
+    sampler); nothing else here depends on the pipeline."""
     targets = quantizable_layers(denoiser)
     attns = install_processors(denoiser, settings.softmax, settings.seed)
     stats = {name: IndexStats() for name, _, _ in targets}
@@ -115,12 +129,7 @@ def quantize_dgq(model, settings: DGQSettings, sampling: dict, progress: Progres
                for name, module, _ in targets]
     try:
         start = time.time()
-        prompts, noise = calibration_prompts(model, settings)
-        from engine.sampling import sample_images
-
-        on_progress = (lambda done, total: progress("calibrate", done, total)) if progress else None
-        sample_images(model, prompts, noise, settings.steps, sampling["guidance"], sampling["batch_size"],
-                      on_progress=on_progress)
+        run_calibration()
         for h in handles:
             h.remove()
         calibration_s = time.time() - start
