@@ -37,14 +37,13 @@ BUFFERS = ("dgq_axis", "dgq_group", "dgq_scale", "dgq_zero")
 _HOOK = "_qtui_dgq_group_hook"
 
 
-def _channel_and_position_views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x as [rest, C] (channels last) and as [rest, P] (positions last, or None)."""
-    if x.dim() == 4:  # conv input [B, C, H, W]
-        b, c, h, w = x.shape
-        return x.transpose(0, 1).reshape(c, -1).T, x.reshape(b * c, h * w)
+def _reduce_dims(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """The dims to reduce for per-channel and per-position statistics (None: no positions)."""
+    if x.dim() == 4:  # conv input [B, C, H, W]: channels dim 1, positions H x W
+        return (0, 2, 3), (0, 1)
     if x.dim() == 3:  # tokens [B, N, C]
-        return x.reshape(-1, x.shape[-1]), x.transpose(1, 2).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1]), None
+        return (0, 1), (0, 2)
+    return tuple(range(x.dim() - 1)), None
 
 
 class IndexStats:
@@ -56,13 +55,13 @@ class IndexStats:
         self.calls = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        by_channel, by_position = _channel_and_position_views(x)
-        cmin, cmax = by_channel.amin(0), by_channel.amax(0)
+        x = x.detach()
+        channel_dims, position_dims = _reduce_dims(x)
+        cmin, cmax = x.amin(channel_dims).float(), x.amax(channel_dims).float()
         self.ch_min = cmin if self.ch_min is None else torch.minimum(self.ch_min, cmin)
         self.ch_max = cmax if self.ch_max is None else torch.maximum(self.ch_max, cmax)
-        if by_position is not None and not self.positions_vary:
-            pmin, pmax = by_position.amin(0), by_position.amax(0)
+        if position_dims is not None and not self.positions_vary:
+            pmin, pmax = x.amin(position_dims).float().reshape(-1), x.amax(position_dims).float().reshape(-1)
             if self.pos_min is not None and self.pos_min.shape != pmin.shape:
                 self.positions_vary, self.pos_min, self.pos_max = True, None, None
             else:
