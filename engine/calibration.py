@@ -3,7 +3,8 @@
 Each sample is an image from the model's data, a prompt for it (a random template, or the empty
 prompt with probability `unconditional`, as in training with prompt dropout), a timestep and
 the true noise. The denoiser sees the noisy image and is scored by the mean squared error of
-its prediction against the training target:
+its prediction against the training target (the adapter's `noised`,
+engine.models.adapters.objectives):
 - noise prediction (the UNet, DDPM): x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, target noise;
 - rectified flow (the MMDiT, SD 3): x_t = (1 - sigma) x_0 + sigma noise, target noise - x_0.
 Timesteps cover the whole training schedule: one per equal stratum of it, in random order.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.models.loader import DIGITS_MMDIT_PIPELINE, DIGITS_PIPELINE, TextToImageModel
+from engine.models.loader import TextToImageModel
 
 UNCONDITIONAL = 0.1  # the digits models' prompt dropout in training
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -69,26 +70,6 @@ def stratified(n: int, total: int, generator: torch.Generator) -> torch.Tensor:
     return ((strata + u) * total / n).floor().clamp(max=total - 1).long()
 
 
-def _noised(model: TextToImageModel, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator):
-    """(x_t, timesteps, target, flow) for clean images x0 and their noise."""
-    shape = (-1, *[1] * (x0.dim() - 1))
-    if model.is_flow:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
-        index = stratified(len(x0), len(scheduler.timesteps), gen)
-        sigma = scheduler.sigmas[index].float().view(shape)
-        return (1 - sigma) * x0 + sigma * noise, scheduler.timesteps[index].float(), noise - x0, True
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(model.scheduler_config)
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"calibration needs a noise-prediction model, not {scheduler.config.prediction_type!r}")
-    timesteps = stratified(len(x0), scheduler.config.num_train_timesteps, gen)
-    alphas = scheduler.alphas_cumprod[timesteps].float().view(shape)
-    return alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise, timesteps, noise, False
-
-
 @torch.no_grad()
 def build_calibration(
     model: TextToImageModel,
@@ -118,25 +99,24 @@ def build_calibration(
         options = prompt_choices[index]
         prompts.append("" if drop[i] else options[int(choice[i] * len(options))])
     noise = torch.randn((samples, *images.shape[1:]), generator=gen)
-    noisy, timesteps, target, flow = _noised(model, images[indices].float(), noise, gen)
-    states, pooled = model.encode(prompts)
+    noisy, timesteps, target = model.noised(images[indices].float(), noise, gen)
+    cond = model.encode(prompts)
     device = model.device
-    return CalibrationSet(noisy=noisy.to(device), timesteps=timesteps.to(device), states=states.float(),
-                          pooled=pooled.float(), target=target.to(device), flow=flow, prompts=prompts,
+    return CalibrationSet(noisy=noisy.to(device), timesteps=timesteps.to(device), states=cond.states.float(),
+                          pooled=cond.pooled.float(), target=target.to(device), flow=model.flow, prompts=prompts,
                           indices=indices)
 
 
 def digits_source() -> tuple[torch.Tensor, list[list[str]]]:
     """The digits images and, for each, its prompt under every training template."""
-    from engine.data.digits import TEMPLATES, load_digits_16, prompt_for
+    from engine.models.adapters.digits import digits_training_data
 
-    images, labels = load_digits_16()
-    return images, [[prompt_for(int(label), t) for t in TEMPLATES] for label in labels]
+    return digits_training_data()
 
 
-def calibration_for(model: TextToImageModel, samples: int, seed: int) -> CalibrationSet:
-    """The calibration set of a loaded model, from the data its kind was trained on."""
-    if model.kind in (DIGITS_PIPELINE, DIGITS_MMDIT_PIPELINE):
-        images, prompts = digits_source()
-        return build_calibration(model, images, prompts, samples, seed)
-    raise ValueError(f"no calibration data for model kind {model.kind!r}")
+def calibration_for(model: TextToImageModel, samples: int, seed: int, prompts: list[str] | None = None
+                    ) -> CalibrationSet:
+    """The calibration set of a loaded model, from the data its family was trained on (or, for
+    real pipelines, latents it generates from the experiment's `prompts`)."""
+    images, choices = model.calibration_source(samples, seed, prompts)
+    return build_calibration(model, images, choices, samples, seed)

@@ -1,8 +1,9 @@
-"""The `engine` command: list, run, show, export and train. Heavy imports happen per command."""
+"""The `engine` command: list, run, queue, show, export and train. Heavy imports happen per command."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -49,18 +50,22 @@ def cmd_list(args) -> int:
     for name, exp in catalogue.experiments.items():
         variants = ", ".join(f"{v} ({describe_bits(x.method, x.params)})" for v, x in exp.variants.items())
         runs = ", ".join(f"{n} {s}" for s, n in sorted(counts.get(name, {}).items())) or "-"
-        table.add_row(name, exp.model, variants, runs, exp.description)
+        model = exp.model if exp.needs_model is None else f"needs model {exp.needs_model}"
+        table.add_row(name, model, variants, runs, exp.description)
     Console().print(table)
     return 0
 
 
-def cmd_run(args) -> int:
-    from rich.console import Console
-
-    from engine.runner import results_table, run_experiment
+def chosen_runs(args):
+    """The experiment, its chosen variants and how to launch them (flags over qtui.toml)."""
+    from engine.runner import launch_options
+    from engine.settings import load_settings, parse_gpus
 
     catalogue = load(args)
     experiment = catalogue.get(args.name)
+    if experiment.needs_model is not None:
+        raise UserError(f"{catalogue.path}: experiment {args.name!r} needs model {experiment.needs_model}: "
+                        "no such folder (put the diffusers pipeline folder there, or change `model`)")
     variants = args.variant or list(experiment.variants)
     for v in variants:
         if v not in experiment.variants:
@@ -68,12 +73,31 @@ def cmd_run(args) -> int:
             raise UserError(f"{catalogue.path}: experiment {args.name!r} has no variant {v!r}; variants: {known}")
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    settings = load_settings(args.experiments)
+    jobs = args.jobs if args.jobs is not None else settings.jobs
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    executor = args.executor or settings.executor
+    gpus = parse_gpus(args.gpus) if args.gpus is not None else settings.gpus
+    if executor == "slurm":
+        from engine.slurm import slurm_available
+
+        reason = slurm_available()
+        if reason:
+            raise UserError(f"--executor slurm: {reason}")
+    return experiment, variants, launch_options(executor, jobs, gpus if executor == "local" else None, settings)
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+
+    from engine.runner import results_table, run_experiment
+
+    experiment, variants, launch = chosen_runs(args)
     console = Console()
     store = open_store(args)
     try:
-        ids = run_experiment(store, experiment, variants, args.samples, args.jobs, console)
+        ids = run_experiment(store, experiment, variants, args.samples, launch["jobs"], console, launch)
     except KeyboardInterrupt:
         return 130
     wide = Console(width=max(console.width, TABLE_WIDTH))
@@ -82,6 +106,90 @@ def cmd_run(args) -> int:
     for run in failed:
         console.print(f"[red]{run['variant']}: {run['status']}: {run['error']}[/red]")
     return 1 if failed else 0
+
+
+QUEUE_COLUMNS = ("pos", "run", "experiment", "variant", "executor", "where", "state")
+
+
+def cmd_queue(args) -> int:
+    if args.queue_command == "add":
+        return cmd_queue_add(args)
+    if args.queue_command == "cancel":
+        return cmd_queue_cancel(args)
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.queue_store import adopt_candidates, live_schedulers, queue_state, queued_runs
+
+    if not (Path(args.runs_dir) / "qtui.db").exists():
+        print("the queue is empty (no database yet)")
+        return 0
+    store = open_store(args)
+    running = [r for r in store.runs(status="running")]
+    queued = queued_runs(store)
+    table = Table(title=f"queue of {store.runs_dir / 'qtui.db'}")
+    for header in QUEUE_COLUMNS:
+        table.add_column(header)
+    for run in running:
+        where, state = queue_state(run)
+        table.add_row("-", str(run["id"]), run["experiment"], run["variant"], run.get("executor") or "local",
+                      where, state)
+    pos = 0
+    for run in queued:
+        where, state = queue_state(run)
+        pos += state == "waiting"  # claimed runs are starting (or pending in Slurm): no place
+        table.add_row(str(pos) if state == "waiting" else "-", str(run["id"]), run["experiment"], run["variant"],
+                      run.get("executor") or "local", where, state)
+    console = Console()
+    Console(width=max(console.width, 120)).print(table)
+    schedulers = live_schedulers(store)
+    if not schedulers and adopt_candidates(store):  # a scheduler died (killed, reboot): resume
+        from engine.scheduler import ensure_scheduler
+        from engine.settings import load_settings
+
+        settings = load_settings(args.experiments)
+        pid = ensure_scheduler(store.runs_dir, settings.jobs, settings.gpus, store)
+        print(f"no scheduler was draining this queue: started one (pid {pid})")
+    desc = ", ".join(f"pid {s['pid']} on {s['host']} (jobs {s['jobs']}"
+                     + (f", gpus {','.join(json.loads(s['gpus']))})" if s["gpus"] and s["gpus"] != "null" else ")")
+                     for s in schedulers)
+    print(f"schedulers: {desc or 'none (one starts with the next queued run)'}")
+    return 0
+
+
+def cmd_queue_add(args) -> int:
+    from engine.runner import queue_runs
+
+    experiment, variants, launch = chosen_runs(args)
+    store = open_store(args)
+    ids = queue_runs(store, experiment, variants, args.samples, launch)
+    for run_id, variant in zip(ids, variants):
+        print(f"queued run {run_id}: {experiment.name}/{variant} ({launch['executor']})")
+    return 0
+
+
+def cmd_queue_cancel(args) -> int:
+    from engine.executor import cancel_run
+
+    store = open_store(args, create=False)
+    code = 0
+    for run_id in args.run:
+        run = store.db["runs"].get(run_id) if store.db["runs"].count_where("id = ?", [run_id]) else None
+        if run is None:
+            print(f"error: no run {run_id} in {store.runs_dir / 'qtui.db'}", file=sys.stderr)
+            code = 2
+            continue
+        if run["status"] not in ("queued", "running"):
+            print(f"run {run_id} is {run['status']}: nothing to cancel")
+            continue
+        if cancel_run(store, run_id):
+            via = f" (scancel {run['job_id']})" if run.get("job_id") else ""
+            print(f"cancelled run {run_id}{via}")
+        else:
+            now = store.get_run(run_id)
+            print(f"run {run_id} is {now['status']}: could not cancel it from here (host {now.get('host')})")
+            code = 1
+    return code
 
 
 def cmd_show(args) -> int:
@@ -94,7 +202,8 @@ def cmd_show(args) -> int:
     exp = catalogue.get(args.name)
     console = Console()
     console.print(f"[bold]{exp.name}[/bold]: {exp.description}")
-    console.print(f"model {exp.model} ({exp.model_path}); features {exp.feature_model}; "
+    console.print(f"model {exp.model} ({exp.model_path or 'needs model ' + str(exp.needs_model)}); "
+                  f"features {exp.feature_model}; "
                   f"{exp.samples} samples, {exp.steps} sampler steps, guidance {exp.guidance}, seed {exp.seed}")
     for name, v in exp.variants.items():
         console.print(f"  {name}: {v.method} {describe_bits(v.method, v.params)}  {v.description}")
@@ -158,12 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--runs-dir", default="runs", help="folder of the database and run outputs")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", parents=[common], help="the experiments and their runs").set_defaults(func=cmd_list)
-    p = sub.add_parser("run", parents=[common], help="run an experiment (all variants, or the chosen ones)")
-    p.add_argument("name")
-    p.add_argument("--variant", action="append", help="run only this variant (repeatable)")
-    p.add_argument("--samples", type=int, help="override the number of samples per variant")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    launching = argparse.ArgumentParser(add_help=False)
+    launching.add_argument("name")
+    launching.add_argument("--variant", action="append", help="run only this variant (repeatable)")
+    launching.add_argument("--samples", type=int, help="override the number of samples per variant")
+    launching.add_argument("--jobs", type=int, help="local runs at once without GPUs (default 1, or qtui.toml)")
+    launching.add_argument("--executor", choices=("local", "slurm"), help="where runs go (default local, or qtui.toml)")
+    launching.add_argument("--gpus", help='GPU pool, one run per GPU: "0,1,3" or "all" (default: qtui.toml)')
+    p = sub.add_parser("run", parents=[common, launching], help="run an experiment (all variants, or the chosen ones)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("queue", parents=[common], help="the queue of runs: list (default), add, cancel")
+    p.set_defaults(func=cmd_queue, queue_command=None)
+    qsub = p.add_subparsers(dest="queue_command")
+    q = qsub.add_parser("add", parents=[common, launching], help="queue an experiment's runs without waiting")
+    q.set_defaults(func=cmd_queue)
+    q = qsub.add_parser("cancel", parents=[common], help="cancel queued or running runs (scancel on Slurm)")
+    q.add_argument("run", type=int, nargs="+", help="run ids")
+    q.set_defaults(func=cmd_queue)
     p = sub.add_parser("show", parents=[common], help="an experiment's definition and results")
     p.add_argument("name")
     p.set_defaults(func=cmd_show)

@@ -21,10 +21,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UserError
 from engine.methods import BadKey, check_against_model, validate_method
-from engine.models.registry import ModelNotFound, resolve_model
-from engine.run_config import EvalConfig, ModelRef, RunConfig, SamplingConfig
+from engine.models.pipeline_index import PipelineError, check_side, inspect_pipeline
+from engine.models.registry import SHIPPED_DIR, ModelNotFound, resolve_model
+from engine.prompts import PromptsError, read_prompts
+from engine.run_config import EvalConfig, ModelOptions, ModelRef, RunConfig, SamplingConfig
 
 EXPERIMENT_DEFAULTS = {
     "description": "",
@@ -36,7 +38,17 @@ EXPERIMENT_DEFAULTS = {
     "seed": 0,
     "batch_size": 250,
     "bootstrap": 200,
+    # real pipelines (engine.models.adapters); the digits models need none of these
+    "dtype": "auto",  # float32 | float16 | bfloat16 | auto (float16 on CUDA, float32 on CPU)
+    "drop_t5": False,  # SD 3.x: load without text_encoder_3 / tokenizer_3
+    "scheduler": None,  # a diffusers scheduler class name; default: the pipeline's own
+    "height": None,  # default: the model's native size
+    "width": None,
+    "negative_prompt": "",
+    "prompts": None,  # "<file>" (one prompt a line) or a list; default: the digits class prompts
 }
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+SCHEDULER_RE = re.compile(r"^[A-Z][A-Za-z0-9]*Scheduler$")
 VARIANT_KEYS = ("description", "method")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -54,7 +66,7 @@ class Experiment:
     name: str
     description: str
     model: str
-    model_path: Path
+    model_path: Path | None  # None when the folder is absent (see needs_model)
     feature_model: str
     feature_model_path: Path
     samples: int
@@ -64,9 +76,18 @@ class Experiment:
     batch_size: int
     bootstrap: int
     variants: dict[str, Variant] = field(default_factory=dict)
+    options: ModelOptions = field(default_factory=ModelOptions)
+    negative_prompt: str = ""
+    prompts: tuple[str, ...] | None = None  # inline prompts
+    prompts_file: Path | None = None
+    prompts_sha256: str | None = None
+    needs_model: str | None = None  # a model folder that is not there (yet): listed, not runnable
 
     def run_config(self, variant: str, samples: int | None = None) -> dict:
         """The full, resolved config of one run: what is stored, hashed and executed."""
+        if self.needs_model is not None:
+            raise UserError(f"experiment {self.name!r} needs model {self.needs_model}: no such folder "
+                            "(put the diffusers pipeline folder there, or change `model`)")
         v = self.variants[variant]
         return RunConfig(
             experiment=self.name,
@@ -82,8 +103,13 @@ class Experiment:
                 guidance=self.guidance,
                 seed=self.seed,
                 batch_size=self.batch_size,
+                negative_prompt=self.negative_prompt,
+                prompts=self.prompts,
+                prompts_file=None if self.prompts_file is None else str(self.prompts_file),
+                prompts_sha256=self.prompts_sha256,
             ),
             eval=EvalConfig(bootstrap=self.bootstrap),
+            model_options=self.options,
         ).to_dict()
 
 
@@ -170,12 +196,19 @@ class _Reader:
         for key in ("model", "feature_model", "description"):
             if not isinstance(values[key], str):
                 self.fail(table, key, f"must be a string, got {values[key]!r}")
-        paths = {}
+        paths, needs_model = {}, None
         for key in ("model", "feature_model"):
+            if key == "model" and (needs_model := self.absent_folder(values[key])) is not None:
+                paths[key] = None
+                continue
             try:
                 paths[key] = resolve_model(values[key], base=self.path.parent)
             except ModelNotFound as exc:
                 self.fail(table, key, str(exc))
+        options, info = self.model_options(table, values, paths["model"])
+        prompts, prompts_file, digest = self.prompts(table, values["prompts"], info, needs_model is not None)
+        if not isinstance(values["negative_prompt"], str):
+            self.fail(table, "negative_prompt", f"must be a string, got {values['negative_prompt']!r}")
         self.integer(table, "samples", values["samples"], 1)
         self.integer(table, "steps", values["steps"], 1, 1000)
         self.integer(table, "seed", values["seed"], 0)
@@ -204,7 +237,82 @@ class _Reader:
             batch_size=values["batch_size"],
             bootstrap=values["bootstrap"],
             variants=variants,
+            options=options,
+            negative_prompt=values["negative_prompt"],
+            prompts=prompts,
+            prompts_file=prompts_file,
+            prompts_sha256=digest,
+            needs_model=needs_model,
         )
+
+    def absent_folder(self, model: str) -> str | None:
+        """The folder a `model` path names when it is not there (None if it is, or if `model`
+        is a name rather than a path): such an experiment is listed as needing its model."""
+        if not isinstance(model, str) or (SHIPPED_DIR / model).is_dir():
+            return None
+        if "/" not in model and not model.startswith(("~", ".")):
+            return None  # a name: an unknown one is an error
+        path = Path(model).expanduser()
+        if not path.is_absolute():
+            path = self.path.parent / path
+        return None if path.exists() else str(path)
+
+    def model_options(self, table, values, model_path: Path | None):
+        """The load options, checked against the model folder when it is there."""
+        dtype, drop_t5, scheduler = values["dtype"], values["drop_t5"], values["scheduler"]
+        if dtype not in DTYPES:
+            self.fail(table, "dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if not isinstance(drop_t5, bool):
+            self.fail(table, "drop_t5", f"must be true or false, got {drop_t5!r}")
+        if scheduler is not None and (not isinstance(scheduler, str) or not SCHEDULER_RE.match(scheduler)):
+            self.fail(table, "scheduler", f"must be a diffusers scheduler class name such as "
+                                          f"'DDIMScheduler', got {scheduler!r}")
+        for key in ("height", "width"):
+            if values[key] is not None:
+                self.integer(table, key, values[key], 1)
+        info = None
+        if model_path is not None:
+            try:
+                info = inspect_pipeline(model_path)
+                if drop_t5 and not info.family.t5:
+                    self.fail(table, "drop_t5", f"applies to SD 3.x pipelines only, not {info.class_name}")
+                info = inspect_pipeline(model_path, drop_t5=drop_t5)
+            except PipelineError as exc:
+                self.fail(table, "model", str(exc))
+            for key in ("height", "width"):
+                try:
+                    check_side(info, key, values[key])
+                except PipelineError as exc:
+                    self.fail(table, key, str(exc))
+        options = ModelOptions(dtype=dtype, drop_t5=drop_t5, scheduler=scheduler, height=values["height"],
+                               width=values["width"])
+        return options, info
+
+    def prompts(self, table, value, info, model_absent: bool = False):
+        """(inline prompts, prompts file, its sha256); (None, None, None) for the model's own.
+        With the model folder absent, an absent prompts file is not an error yet (the experiment
+        is listed as needing its model and cannot run)."""
+        if value is None:
+            if info is not None and not info.is_digits:
+                self.fail(table, "prompts", f"is required for {info.class_name} (a file with one prompt a line, "
+                                            "or a list)")
+            return None, None, None
+        if info is not None and info.is_digits:
+            self.fail(table, "prompts", "the digits models use their own class prompts; leave it out")
+        if isinstance(value, str):
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else self.path.parent / path
+            if model_absent and not path.exists():
+                return None, path, None
+            try:
+                _, digest = read_prompts(path)
+            except PromptsError as exc:
+                self.fail(table, "prompts", str(exc))
+            return None, path.resolve(), digest
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(p, str) and p.strip() for p in value)):
+            self.fail(table, "prompts", f"must be a file name or a non-empty list of prompts, got {value!r}")
+        return tuple(p.strip() for p in value), None, None
 
     def variant(self, table: list[str], name: str, raw, model_path: Path) -> Variant:
         if not isinstance(raw, dict):
@@ -222,7 +330,7 @@ class _Reader:
         keys = {k: v for k, v in raw.items() if k not in VARIANT_KEYS}
         try:
             params = validate_method(method, keys)
-            check_against_model(method, params, lambda: self.model_tensors(model_path))
+            check_against_model(method, params, lambda: self.model_tensors(model_path) if model_path else None)
         except BadKey as exc:
             self.fail(table, exc.key, exc.message)
         return Variant(name=name, description=description, method=method, params=params)

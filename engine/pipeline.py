@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from engine.data.digits import eval_labels, load_digits_16, prompt_for
+from engine.data.digits import load_digits_16
 from engine.evaluate import evaluate_samples, reference_stats
 from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, to_uint8
 from engine.models.loader import load_feature_model, load_text_to_image
@@ -21,7 +21,8 @@ from engine.methods import QuantContext, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
 from engine.quant.packing import bits_per_weight
 from engine.run_config import RunConfig
-from engine.sampling import initial_noise, sample_images
+from engine.prompts import sampling_prompts
+from engine.sampling import InitialLatents, sample_images
 from engine.store import Store
 
 CHECKPOINT_FILE = "weights.safetensors"
@@ -76,20 +77,21 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
     torch.manual_seed(sampling.seed)
 
     reporter.progress("load", 0, 2, "loading models")
-    model = load_text_to_image(run.model.path)
+    model = load_text_to_image(run.model.path, options=run.model_options)
+    n = sampling.samples
+    prompts, labels = model.eval_prompts(n, sampling_prompts(sampling))
+    check_evaluable(run, labels)
     classifier = load_feature_model(run.feature_model.path, model.device)
     reporter.progress("load", 2, 2)
 
     layers, metrics = quantize_stage(store, run_id, run, model, reporter)
 
-    n = sampling.samples
-    labels = eval_labels(n)
-    prompts = [prompt_for(label) for label in labels]
-    noise = initial_noise(n, model.sample_shape, sampling.seed)
+    noise = InitialLatents(n, model.sample_shape, sampling.seed)
     start = time.time()
     images = sample_images(
         model, prompts, noise, sampling.steps, sampling.guidance, sampling.batch_size,
         on_progress=lambda done, total: reporter.progress("sampling", done, total),
+        negative_prompt=sampling.negative_prompt,
     )
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -110,6 +112,14 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
     store.put_metrics(run_id, metrics)
     update_comparison(store, run.experiment, run_id)
     reporter.progress("save", 1, 1)
+
+
+def check_evaluable(run: RunConfig, labels: list[int] | None) -> None:
+    """The digits classifier measures class-prompted digits only; refused before any work."""
+    if labels is None:
+        raise ValueError(f"{run.model.path}: evaluating this model's RGB images needs the Inception feature "
+                         f"model and CLIP score (feature_model = 'inception'), which this build does not have "
+                         f"yet; feature_model {run.feature_model.id!r} measures the digits models only")
 
 
 def update_comparison(store: Store, experiment: str, run_id: int) -> None:

@@ -1,114 +1,84 @@
-"""Seeded sampling with classifier-free guidance: DDIM for the noise-prediction UNet, and
-flow-matching Euler (diffusers' `FlowMatchEulerDiscreteScheduler`) for rectified-flow models
-such as the MMDiT, which also take the pooled prompt vector.
+"""Seeded, paired sampling through the model's adapter (engine.models.adapters).
 
-Every variant of an experiment gets the same prompts and the same initial noise (drawn on the
-CPU from the experiment's seed, whatever the device), so variants are compared pairwise.
+Initial latents of sample i depend only on (seed, i): each sample has its own CPU generator,
+seeded from the pair, so every variant of an experiment sees the same noise whatever the batch
+size or device, and a subset of samples is a prefix of the full set. Latents are drawn batch by
+batch (`InitialLatents`), so 5000 SD 3 samples never sit in memory at once.
+
+Each batch: the adapter denoises its initial latents (`sample_batch`, with the family's
+scheduler and classifier-free guidance) and decodes them (`decode`: the VAE, or identity for the
+digits models) to images in [-1, 1].
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
+import numpy as np
 import torch
-
-from engine.models.loader import TextToImageModel
 
 Progress = Callable[[int, int], None]
 
 
-def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn((n, *shape), generator=generator, dtype=torch.float32)
+EVALUATION, CALIBRATION, GENERATED = 0, 1, 2  # streams: noise that must never coincide
+
+
+def sample_seed(seed: int, index: int, stream: int = EVALUATION) -> int:
+    """The generator seed of sample `index` of `stream` seeded `seed` (63 bits). Streams keep the
+    calibration noise apart from the evaluation's even when their seeds are equal."""
+    entropy = [seed, index] if stream == EVALUATION else [seed, index, stream]
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
+    return int(state) >> 1
+
+
+class InitialLatents:
+    """The initial latents of samples 0..n-1, drawn on demand: `latents[a:b]` is [b - a, *shape],
+    `latents[i]` one sample's."""
+
+    def __init__(self, n: int, shape: Sequence[int], seed: int, stream: int = EVALUATION):
+        self.n, self.shape, self.seed, self.stream = n, tuple(shape), seed, stream
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, part: slice | int) -> torch.Tensor:
+        if isinstance(part, int):
+            return self[part : part + 1 if part != -1 else None][0]
+        indices = range(self.n)[part]
+        out = torch.empty((len(indices), *self.shape), dtype=torch.float32)
+        for row, i in enumerate(indices):
+            generator = torch.Generator(device="cpu").manual_seed(sample_seed(self.seed, i, self.stream))
+            out[row] = torch.randn(self.shape, generator=generator, dtype=torch.float32)
+        return out
+
+
+def initial_noise(n: int, shape: Sequence[int], seed: int, stream: int = EVALUATION) -> torch.Tensor:
+    """All n initial latents at once (small models, calibration sets)."""
+    return InitialLatents(n, shape, seed, stream)[:]
 
 
 @torch.no_grad()
 def sample_images(
-    model: TextToImageModel,
+    model,
     prompts: list[str],
-    noise: torch.Tensor,
+    noise: torch.Tensor | InitialLatents,
     steps: int,
     guidance: float,
     batch_size: int,
     on_progress: Progress | None = None,
+    negative_prompt: str = "",
 ) -> torch.Tensor:
-    """Images in [-1, 1], shape [N, C, H, W], on the CPU. Progress counts denoising steps
-    over all images: (images done x steps + steps of the current batch, N x steps)."""
-    if model.is_flow:
-        return sample_flow(model, prompts, noise, steps, guidance, batch_size, on_progress)
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(steps)
-    device = model.device
-    use_guidance = guidance != 1.0
-    uncond = model.encode([""])[0] if use_guidance else None
+    """Images in [-1, 1], shape [N, C, H, W], on the CPU, from `model` (a PipelineAdapter).
+    Progress counts denoising steps over all images: (images done x steps + steps of the
+    current batch, N x steps)."""
     total = len(prompts) * steps
     out = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start : start + batch_size]
         b = len(batch_prompts)
-        cond = model.encode(batch_prompts)[0]
-        states = torch.cat([uncond.expand(b, -1, -1), cond]) if use_guidance else cond
-        x = noise[start : start + b].to(device)
-        for i, t in enumerate(scheduler.timesteps):
-            inp = torch.cat([x, x]) if use_guidance else x
-            eps = model.denoiser(inp, t, states).sample
-            if use_guidance:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-            if on_progress:
-                on_progress(start * steps + b * (i + 1), total)
-        out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out)
-
-
-def guided(model: TextToImageModel, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
-           pooled: torch.Tensor, guidance: float) -> torch.Tensor:
-    """The flow model's guided velocity; `states` and `pooled` hold the unconditional half
-    first when guidance != 1 (batch 2B for B images)."""
-    use_guidance = guidance != 1.0
-    inp = torch.cat([x, x]) if use_guidance else x
-    v = model.denoiser(inp, states, pooled, t.expand(inp.shape[0])).sample
-    if use_guidance:
-        v_uncond, v_cond = v.chunk(2)
-        v = v_uncond + guidance * (v_cond - v_uncond)
-    return v
-
-
-@torch.no_grad()
-def sample_flow(
-    model: TextToImageModel,
-    prompts: list[str],
-    noise: torch.Tensor,
-    steps: int,
-    guidance: float,
-    batch_size: int,
-    on_progress: Progress | None = None,
-) -> torch.Tensor:
-    """Flow-matching Euler sampling from sigma = 1 (noise) to 0, as `sample_images`."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    device = model.device
-    use_guidance = guidance != 1.0
-    uncond = model.encode([""]) if use_guidance else None
-    total = len(prompts) * steps
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
-        scheduler.set_timesteps(steps, device=device)
-        batch_prompts = prompts[start : start + batch_size]
-        b = len(batch_prompts)
-        states, pooled = model.encode(batch_prompts)
-        if use_guidance:
-            states = torch.cat([uncond[0].expand(b, -1, -1), states])
-            pooled = torch.cat([uncond[1].expand(b, -1), pooled])
-        x = noise[start : start + b].to(device)
-        for i, t in enumerate(scheduler.timesteps):
-            v = guided(model, x, t, states, pooled, guidance)
-            x = scheduler.step(v, t, x).prev_sample
-            if on_progress:
-                on_progress(start * steps + b * (i + 1), total)
-        out.append(x.clamp(-1, 1).cpu())
+        report = (lambda i: on_progress(start * steps + b * i, total)) if on_progress else None
+        latents = model.sample_batch(batch_prompts, noise[start : start + b], steps, guidance,
+                                     negative_prompt=negative_prompt, on_step=report)
+        out.append(model.decode(latents))
     return torch.cat(out)

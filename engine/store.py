@@ -17,8 +17,25 @@ from pathlib import Path
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "qtui.db"
+
+# Schema 2 (the persistent queue, GPU pool and Slurm; see engine/queue_store.py): columns added
+# to `runs` by the migration, so that databases of schema 1 keep working.
+QUEUE_COLUMNS = {
+    "queue_pos": "REAL",  # order in the queue (lower starts first); reordering rewrites it
+    "batch": "TEXT",  # the runs queued together (one `engine run`): one Slurm job array
+    "launch": "TEXT",  # JSON: how to start it (executor options: jobs, gpus, slurm settings)
+    "claimed_by": "TEXT",  # the scheduler that claimed it (queued and claimed = starting)
+    "claimed_at": "REAL",
+    "cancel_requested": "INTEGER",
+    "gpu": "TEXT",  # the CUDA_VISIBLE_DEVICES its worker was given
+    "job_id": "TEXT",  # Slurm: array job id and task, "1234_0"; never a key on its own
+    "node": "TEXT",
+    "slurm_state": "TEXT",  # Slurm's own state: PENDING (reason), RUNNING, TIMEOUT, ...
+    "slurm_reason": "TEXT",
+    "ingested": "INTEGER",  # remote runs: bytes of the run's events file already applied
+}
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
@@ -59,6 +76,15 @@ def db_path(runs_dir: str | Path) -> Path:
     return Path(runs_dir) / DB_NAME
 
 
+_FORBIDDEN: str | None = None
+
+
+def forbid_database(reason: str) -> None:
+    """From now on `Store.open` raises in this process (a remote worker: see engine/run_files.py)."""
+    global _FORBIDDEN
+    _FORBIDDEN = reason
+
+
 @dataclass
 class Store:
     """A handle on `runs_dir/qtui.db`. Create with `Store.open(runs_dir)`."""
@@ -68,6 +94,8 @@ class Store:
 
     @classmethod
     def open(cls, runs_dir: str | Path, create: bool = True) -> "Store":
+        if _FORBIDDEN:
+            raise RuntimeError(f"{db_path(runs_dir)}: this process may not open the database: {_FORBIDDEN}")
         runs_dir = Path(runs_dir).resolve()  # artifact paths must not depend on a worker's cwd
         path = db_path(runs_dir)
         if not create and not path.exists():
@@ -92,12 +120,14 @@ class Store:
         db = self.db
         if "meta" in db.table_names():
             self._check_version()
-            return
-        # Two processes may open a new database at once: create the schema under a write lock.
+            if self.schema_version() >= SCHEMA_VERSION:
+                return
+        # Two processes may open (or upgrade) a database at once: do it under a write lock.
         db.conn.execute("BEGIN IMMEDIATE")
         try:
             if "meta" not in db.table_names():
                 self._create_schema()
+            self._upgrade()
             db.conn.execute("COMMIT")
         except BaseException:
             db.conn.execute("ROLLBACK")
@@ -179,6 +209,25 @@ class Store:
             db["events"].create_index(["run_id", "id"])
         db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
 
+    def _upgrade(self) -> None:
+        """Schema 1 -> 2: queue columns on runs and the schedulers table (idempotent)."""
+        db = self.db
+        have = {c.name for c in db["runs"].columns}
+        for name, kind in QUEUE_COLUMNS.items():
+            if name not in have:
+                db.conn.execute(f"alter table runs add column {name} {kind}")
+        if "queue_pos" not in have:
+            db.conn.execute("update runs set queue_pos = id where queue_pos is null")
+        if "schedulers" not in db.table_names():
+            db.conn.execute(
+                "create table schedulers (token text primary key, host text, pid integer, "
+                "started_at real, heartbeat_at real, jobs integer, gpus text)"
+            )
+        db.conn.execute("create index if not exists runs_queue on runs (status, queue_pos)")
+        db.conn.execute(
+            "insert or replace into meta (key, value) values ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+
     def schema_version(self) -> int:
         return int(self.db["meta"].get("schema_version")["value"])
 
@@ -192,6 +241,8 @@ class Store:
         git_commit: str | None = None,
         versions: dict | None = None,
         executor: str = "local",
+        launch: dict | None = None,
+        batch: str | None = None,
     ) -> int:
         with self.db.conn:
             table = self.db["runs"].insert(
@@ -206,11 +257,14 @@ class Store:
                     "host": socket.gethostname(),
                     "executor": executor,
                     "versions": json.dumps(versions or {}, sort_keys=True),
+                    "launch": json.dumps(launch or {}, sort_keys=True),
+                    "batch": batch,
                 }
             )
             run_id = table.last_pk
             folder = f"run-{run_id:05d}"
-            self.db["runs"].update(run_id, {"folder": folder})
+            # queued runs start in queue_pos order: at the end of the queue
+            self.db["runs"].update(run_id, {"folder": folder, "queue_pos": float(run_id)})
         return run_id
 
     def run_folder(self, run_id: int) -> Path:
@@ -231,18 +285,16 @@ class Store:
             self.db["runs"].rows_where(" and ".join(where) or None, args, order_by="id")
         )
 
-    def mark_running(self, run_id: int, pid: int | None = None) -> None:
+    def mark_running(self, run_id: int, pid: int | None = None) -> bool:
+        """queued -> running, atomically: False when the run is no longer queued (cancelled
+        meanwhile, or another worker of the same run got there first)."""
         with self.db.conn:
-            self.db["runs"].update(
-                run_id,
-                {
-                    "status": "running",
-                    "started_at": utc_now(),
-                    "heartbeat_at": time.time(),
-                    "pid": pid if pid is not None else os.getpid(),
-                    "host": socket.gethostname(),
-                },
+            cur = self.db.conn.execute(
+                "update runs set status = 'running', started_at = ?, heartbeat_at = ?, pid = ?, host = ? "
+                "where id = ? and status = 'queued'",
+                (utc_now(), time.time(), pid if pid is not None else os.getpid(), socket.gethostname(), run_id),
             )
+        return cur.rowcount > 0
 
     def set_pid(self, run_id: int, pid: int) -> None:
         with self.db.conn:

@@ -40,7 +40,7 @@ STATUS_FILTERS = (None, *STATUSES)
 CONFIRM_SECONDS = 3.0
 MAIN_SCREEN_ACTIONS = {
     "cycle_status", "heatmap", "samples", "export", "rerun_failed", "reload", "toggle_tree",
-    "launch", "cancel_run", "rerun",
+    "launch", "cancel_run", "rerun", "queue",
 }
 
 
@@ -59,6 +59,7 @@ class QtuiApp(App[None]):
         Binding("v", "samples", "Samples"),
         Binding("e", "export", "Export"),
         Binding("R", "rerun_failed", "Rerun failed"),
+        Binding("u", "queue", "Queue", show=False),  # in the keys panel (?); the footer is full
         Binding("question_mark", "toggle_keys", "Keys"),
         Binding("q", "quit", "Quit"),
         Binding("ctrl+r", "reload", "Reload toml", show=False),
@@ -119,6 +120,7 @@ class QtuiApp(App[None]):
             max_parallel=self.max_parallel,
             executor=self.executor,
             on_change=lambda: self.poller.poke(),
+            experiments=self.experiments_path,
         )
         for thread in (self.tailer, self.launcher):
             thread.start()
@@ -128,7 +130,7 @@ class QtuiApp(App[None]):
             if thread is not None:
                 thread.stop()
         if self.launcher is not None and self.launcher.is_alive():
-            self.launcher.join(timeout=10)  # marks runs that never started as cancelled
+            self.launcher.join(timeout=10)  # finishes the command it is executing
 
     @work(thread=True, exclusive=True, group="catalogue", exit_on_error=False)
     def load_catalogue(self) -> None:
@@ -266,14 +268,7 @@ class QtuiApp(App[None]):
         return False
 
     async def action_quit(self) -> None:
-        """Quit; running runs keep running. Runs still waiting in this qtui's queue would never
-        start, so they are cancelled, after a confirmation."""
-        waiting = self.launcher.waiting_count() if self.launcher is not None else 0
-        if waiting and not self._confirmed(
-            "quit", None, f"{waiting} queued run(s) have not started and will be cancelled; "
-            "press q again to quit (running runs go on)",
-        ):
-            return
+        """Quit; running runs keep running and the scheduler goes on starting queued ones."""
         self.exit()
 
     def action_launch(self) -> None:
@@ -342,6 +337,11 @@ class QtuiApp(App[None]):
             self.notify("no run selected", severity="warning")
             return
         self.push_screen(SamplesScreen(self.runs_dir, run))
+
+    def action_queue(self) -> None:
+        from qtui.components.queue_screen import QueueScreen
+
+        self.push_screen(QueueScreen(self.runs_dir))
 
     def action_export(self) -> None:
         from qtui.components.export_screen import ExportScreen

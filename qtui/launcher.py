@@ -1,12 +1,13 @@
-"""The one thread that writes: it creates runs, drives the engine's `RunQueue` and cancels.
+"""The one thread that writes: it queues runs in the database, cancels and reorders them.
 
-The UI thread never touches SQLite for writing. It calls `launch`, `rerun`, `rerun_failed`
-and `cancel`, which only put a command on a queue; the thread executes them, polls the
-`RunQueue` (start waiting runs up to the concurrency limit, reap finished workers) and reports
-back through `notify(text, error)`. Runs are worker subprocesses started by the engine's
-executor, exactly as `engine run` starts them, in their own session: quitting qtui leaves
-them running. Runs still waiting in this queue when qtui quits are marked cancelled, so that
-nothing stays queued with no one to start it (re-run them later with `r`).
+The UI thread never touches SQLite for writing. It calls `launch`, `rerun`, `rerun_failed`,
+`cancel` and `move`, which only put a command on a queue; the thread executes them and
+reports back through `notify(text, error)`. Queued runs are rows of the engine's persistent
+queue, started by a scheduler process (`engine.scheduler`) that this thread starts on demand
+in its own session, exactly as `engine run` does: quitting qtui or closing its terminal stops
+neither the runs nor the queue. How runs are launched (local, GPU pool, Slurm) comes from
+`qtui.toml` beside experiments.toml (`engine.settings`), with `--max-parallel` as the
+local concurrency limit.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any, Callable
 from qtui.model import RERUNNABLE
 
 Notify = Callable[[str, bool], None]
-NOT_STARTED = "not started: qtui quit before its turn came (re-run it with r)"
 
 
 class Launcher(threading.Thread):
@@ -32,18 +32,20 @@ class Launcher(threading.Thread):
         executor: Any = None,
         on_change: Callable[[], None] | None = None,
         interval: float = 0.5,
+        experiments: str | Path = "experiments.toml",
     ):
         super().__init__(name="qtui-launcher", daemon=True)
         self.runs_dir = Path(runs_dir)
         self.notify = notify
         self.max_parallel = max_parallel
-        self.executor = executor
+        self.executor = executor  # "local" or "slurm"; None: qtui.toml's choice
         self.on_change = on_change or (lambda: None)
         self.interval = interval
+        self.experiments = Path(experiments)
         self.commands: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
-        self.queue = None  # engine.run_queue.RunQueue, built in the thread
         self.store = None
+        self.options: dict | None = None  # engine.runner.launch_options, read in the thread
 
     # ---------------------------------------------------------------- called from the UI
     def launch(self, experiment, variants: list[str]) -> None:
@@ -59,17 +61,19 @@ class Launcher(threading.Thread):
     def cancel(self, run_id: int) -> None:
         self.commands.put(("cancel", run_id))
 
+    def move(self, run_id: int, steps: int) -> None:
+        """Move a waiting run earlier (negative) or later in the queue."""
+        self.commands.put(("move", run_id, steps))
+
     def stop(self) -> None:
         self._stopping.set()
         self.commands.put(("wake",))
 
-    def waiting_count(self) -> int:
-        """Runs submitted here that have not started (read from the UI: a snapshot count)."""
-        return 0 if self.queue is None else len(self.queue.waiting)
-
     # ---------------------------------------------------------------- the thread
     def run(self) -> None:
         try:
+            if not self._stopping.wait(1.0) and unattended_work(self.runs_dir):  # after the first paint
+                self._do(("resume",))
             while not self._stopping.is_set():
                 try:
                     command = self.commands.get(timeout=self.interval)
@@ -77,26 +81,28 @@ class Launcher(threading.Thread):
                     command = None
                 if command is not None and command[0] != "wake":
                     self._do(command)
-                if self.queue is not None:
-                    self._poll_queue()
-            if self.queue is not None:
-                self._abandon_waiting()
         finally:
             if self.store is not None:
                 self.store.close()
 
     def _open(self) -> None:
         """Open the store on the first command (creating the database if there is none)."""
-        if self.queue is not None:
+        if self.store is not None:
             return
-        from engine.run_queue import RunQueue  # imports sqlite-utils: keep out of start-up
+        from engine.runner import launch_options  # imports sqlite-utils: keep out of start-up
+        from engine.settings import load_settings
         from engine.store import Store
 
+        settings = load_settings(self.experiments) if self.experiments.exists() else None
+        executor = self.executor if isinstance(self.executor, str) else (settings.executor if settings else "local")
+        gpus = settings.gpus if settings is not None and executor == "local" else None
+        self.options = launch_options(executor, self.max_parallel, gpus, settings)
         self.store = Store.open(self.runs_dir)
-        kwargs = {"store": self.store, "max_parallel": self.max_parallel}
-        if self.executor is not None:
-            kwargs["executor"] = self.executor
-        self.queue = RunQueue(**kwargs)
+
+    def _ensure_scheduler(self) -> None:
+        from engine.scheduler import ensure_scheduler
+
+        ensure_scheduler(self.store.runs_dir, self.options["jobs"], self.options.get("gpus"), self.store)
 
     def _do(self, command: tuple) -> None:
         name, *args = command
@@ -111,22 +117,18 @@ class Launcher(threading.Thread):
             self.notify(f"{name} failed: {exc}", True)
         self.on_change()
 
-    def _poll_queue(self) -> None:
-        try:
-            if not self.queue.idle:
-                self.queue.poll()
-                self.on_change()
-        except Exception as exc:
-            self.notify(f"the run queue failed: {exc}", True)
-
     # ---------------------------------------------------------------- commands
-    def _launch(self, experiment, variants: list[str]) -> None:
-        from engine.runner import create_runs  # the same rows `engine run` creates
+    def _resume(self) -> None:
+        """At start: runs still queued (a scheduler died, the machine rebooted) get one."""
+        from engine.queue_store import adopt_candidates
 
-        ids = create_runs(self.store, experiment, variants, None)
-        for run_id in ids:
-            self.queue.submit(run_id)
-        self.queue.poll()
+        if adopt_candidates(self.store):
+            self._ensure_scheduler()
+
+    def _launch(self, experiment, variants: list[str]) -> None:
+        from engine.runner import queue_runs  # the same rows `engine run` creates
+
+        ids = queue_runs(self.store, experiment, variants, None, self.options)
         self.notify(f"queued {describe(ids)} of {experiment.name}: {', '.join(variants)}", False)
 
     def _rerun(self, run_id: int) -> None:
@@ -134,10 +136,9 @@ class Launcher(threading.Thread):
 
         run = self.store.get_run(run_id)
         status = display_status(run)
-        if status == "queued" and run_id not in self.queue.waiting and run_id not in self.queue.active:
-            self.queue.submit(run_id)  # an orphaned queued run: start it here
-            self.queue.poll()
-            self.notify(f"run #{run_id} submitted to this queue", False)
+        if status == "queued":
+            self._ensure_scheduler()  # a queued run nobody starts: make sure a scheduler runs
+            self.notify(f"run #{run_id} is queued; the scheduler will start it", False)
             return
         if status not in RERUNNABLE:
             self.notify(f"run #{run_id} is {status}: nothing to re-run", True)
@@ -166,18 +167,25 @@ class Launcher(threading.Thread):
         config = json.loads(run["config"]) if run.get("config") else {}
         new_id = self.store.create_run(
             run["experiment"], run["variant"], config, run.get("config_hash") or "",
-            git_commit(), package_versions(),
+            git_commit(), package_versions(), executor=self.options["executor"], launch=self.options,
         )
-        self.queue.submit(new_id)
-        self.queue.poll()
+        self._ensure_scheduler()
         return new_id
 
+    def _move(self, run_id: int, steps: int) -> None:
+        from engine.queue_store import move
+
+        if not move(self.store, run_id, steps):
+            self.notify(f"run #{run_id} is not waiting in the queue (or is already at that end)", True)
+
     def _cancel(self, run_id: int) -> None:
+        from engine.executor import cancel_run
+
         run = self.store.get_run(run_id)
         if run["status"] not in ("queued", "running"):
             self.notify(f"run #{run_id} is {run['status']}: nothing to cancel", True)
             return
-        self.queue.cancel(run_id)  # the worker may record the cancellation itself
+        cancel_run(self.store, run_id)  # the worker may record the cancellation itself
         run = self.store.get_run(run_id)
         if run["status"] == "cancelled":
             self.notify(f"cancelled run #{run_id}", False)
@@ -186,10 +194,24 @@ class Launcher(threading.Thread):
         else:
             self.notify(f"run #{run_id} could not be cancelled: it runs on {run.get('host')}", True)
 
-    def _abandon_waiting(self) -> None:
-        for run_id in list(self.queue.waiting):
-            self.store.finish_if_unfinished(run_id, "cancelled", NOT_STARTED)
-        self.queue.waiting.clear()
+
+def unattended_work(runs_dir: Path) -> bool:
+    """Queued runs or Slurm runs in flight (read with the standard library: the engine's
+    modules are imported only when there is something to resume)."""
+    import sqlite3
+
+    path = runs_dir / "qtui.db"
+    if not path.exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2)
+        try:
+            return conn.execute("select count(*) from runs where status = 'queued' or "
+                                "(executor = 'slurm' and status = 'running')").fetchone()[0] > 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
 
 
 def describe(ids: list[int]) -> str:

@@ -113,6 +113,10 @@ class Poller:
                 changed[run.id] = run
             for run in changed.values():
                 self._remember(run)
+            if self.running:  # lost-run detection needs fresh heartbeats (any host)
+                for run_id, beat in reader.heartbeats(list(self.running)).items():
+                    if self.running[run_id].heartbeat_at != beat:
+                        self.running[run_id] = replace(self.running[run_id], heartbeat_at=beat)
         lost_changed = self._check_lost(changed)
         snap.runs = list(changed.values())
         progress = self._progress(reader) if (db_changed or lost_changed) else self.progress
@@ -180,7 +184,8 @@ class Poller:
         flipped = False
         if self.is_lost is not None:
             for run_id, run in self.running.items():
-                lost = self.is_lost({"status": "running", "host": run.host, "pid": run.pid})
+                lost = self.is_lost({"status": "running", "host": run.host, "pid": run.pid,
+                                     "heartbeat_at": run.heartbeat_at})
                 if lost != (run_id in self.lost):
                     (self.lost.add if lost else self.lost.discard)(run_id)
                     changed.setdefault(run_id, run)

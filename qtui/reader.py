@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 from qtui.model import Progress, RunRow
 
 DB_NAME = "qtui.db"  # engine.store.DB_NAME; repeated to keep sqlite-utils out of start-up
-KNOWN_SCHEMA = 1
+KNOWN_SCHEMA = 2  # engine.store.SCHEMA_VERSION
 RUN_COLUMNS = (  # in the order of RunRow's fields
     "id, coalesce(experiment, ''), coalesce(variant, ''), coalesce(status, 'queued'), created_at, "
     "started_at, finished_at, heartbeat_at, error, host, pid, folder, config_hash"
@@ -147,6 +147,15 @@ class Reader:
             )
             for r in self.query(sql, batch):
                 out[r[0]] = tuple(r[1:])
+        return out
+
+    def heartbeats(self, ids: Iterable[int]) -> dict[int, float | None]:
+        """Last heartbeat of the given runs (left out of run_states: it changes all the time)."""
+        out = {}
+        for batch in chunks(ids):
+            sql = f"select id, heartbeat_at from runs where id in ({marks(len(batch))})"
+            for r in self.query(sql, batch, plain=True):
+                out[r[0]] = r[1]
         return out
 
     def _with_metrics(self, runs: list[RunRow], all_metrics: bool = False) -> list[RunRow]:

@@ -59,6 +59,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {"model": root / "unet", "classifier": root / "classifier"}
 
 
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny random StableDiffusionPipeline folder (tests/tiny_pipelines.py)."""
+    from tests.tiny_pipelines import build_sd
+
+    return build_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny random StableDiffusion3Pipeline folder with T5 (tests/tiny_pipelines.py)."""
+    from tests.tiny_pipelines import build_sd3
+
+    return build_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+
+
 @pytest.fixture
 def tiny_experiments(tmp_path, tiny_models) -> Path:
     """experiments.toml with the `tiny` experiment (variants fp, A, B, C) on the tiny models."""

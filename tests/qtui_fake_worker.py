@@ -25,6 +25,8 @@ def use_fake_worker(monkeypatch, mode: str = "done", steps: int = 20, delay: flo
     import engine.executor
 
     monkeypatch.setattr(engine.executor, "worker_command", fake_worker_command)
+    # the scheduler process starts the workers: it reads the stand-in from the environment
+    monkeypatch.setenv("QTUI_WORKER_COMMAND", json.dumps([sys.executable, "-u", str(HERE / "qtui_fake_worker.py")]))
     monkeypatch.setenv("FAKE_WORKER_MODE", mode)
     monkeypatch.setenv("FAKE_WORKER_STEPS", str(steps))
     monkeypatch.setenv("FAKE_WORKER_DELAY", str(delay))

@@ -2,8 +2,8 @@
 
 `fill_demo(runs_dir)` writes a small deterministic database (fixed timestamps, no running
 runs) that the Pilot and snapshot tests share. `add_run` writes one run with whatever the
-test needs. Nothing here needs torch: the "model" is a directory with a model_index.json,
-which is all the catalogue checks.
+test needs. Nothing here needs torch: the "model" is a directory with a model_index.json
+and the component files the catalogue checks (empty weights).
 """
 
 from __future__ import annotations
@@ -54,7 +54,13 @@ bits = { attention = 4, conv = 8, linear = 4 }
 def write_catalogue(directory: Path, text: str = CATALOGUE) -> Path:
     model = directory / "tiny-model"
     model.mkdir(parents=True, exist_ok=True)
-    (model / "model_index.json").write_text("{}")
+    (model / "model_index.json").write_text('{"_class_name": "QtuiDigitsPipeline"}')
+    for component, config in (("unet", "config.json"), ("text_encoder", "config.json"),
+                              ("scheduler", "scheduler_config.json")):  # the files the catalogue checks
+        (model / component).mkdir(exist_ok=True)
+        (model / component / config).write_text('{"sample_size": 16}')
+        if component != "scheduler":
+            (model / component / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     path = directory / "experiments.toml"
     path.write_text(text)
     return path

@@ -48,8 +48,8 @@ BAD = [
     ("bits too high", "@@\n[experiments.tiny.variants.Z]\nbits = { conv = 9 }\n", "between 2 and 8, got 9", 31),
     ("bits too low", "@@\n[experiments.tiny.variants.Z]\nbits = 1\n", "between 2 and 8, got 1", 31),
     ("unknown variant key", "@@\n[experiments.tiny.variants.Z]\nbits = 4\ngroup = 64\n", "unknown key for method 'rtn'", 32),
-    ("missing model", "@@\n[experiments.other]\nmodel = 'no/such/dir'\n[experiments.other.variants.a]\nmethod = 'none'\n",
-     "no model 'no/such/dir'", 31),
+    ("missing model", "@@\n[experiments.other]\nmodel = 'no-such-model'\n[experiments.other.variants.a]\nmethod = 'none'\n",
+     "no model 'no-such-model'", 31),
     ("samples zero", "@@\n[experiments.other]\nmodel = '@M'\nsamples = 0\n[experiments.other.variants.a]\nmethod = 'none'\n",
      "samples: must be >= 1", 32),
 ]

@@ -372,3 +372,39 @@ def test_dgq_applies_unchanged_to_a_stable_diffusion_unet(method, tmp_path):
     assert len(cross) == 4 and all(0 < c["start_share"] < 1 and c["start_token_fp"] == (method == "dgq") for c in cross)
     k_rows = [json.loads(r["extra"]) for r in result.layers if r["name"].endswith("attn2.to_k")]
     assert all(e["act_groups"] == (8 if method == "dgq" else 1) for e in k_rows)
+
+
+SD_VARIANTS = """
+[experiments.sd.variants.dgq]
+method = "dgq"
+bits = 8
+act_bits = 8
+groups = 8
+calibration = {{ samples = 3, seed = 1, steps = 2 }}
+
+[experiments.sd.variants.minmax]
+method = "minmax"
+bits = 8
+act_bits = 8
+calibration = {{ samples = 3, seed = 1, steps = 2 }}
+"""
+
+
+def test_dgq_and_minmax_on_the_tiny_stable_diffusion_pipeline(tmp_path, tiny_sd):
+    """The run's quantize stage (pack, store, load back) through the SD adapter, then sampling
+    from the stored model: the same code as on the digits UNet, nothing SD-specific."""
+    from tests.test_real_pipelines import SD_TOML, quantize_and_sample, write
+
+    toml = write(tmp_path, SD_TOML + SD_VARIANTS, tiny_sd)
+    fp_images = quantize_and_sample(tmp_path, toml, "sd", "fp")[2]
+    for variant in ("dgq", "minmax"):
+        layers, metrics, images = quantize_and_sample(tmp_path, toml, "sd", variant)
+        softmax = [json.loads(l["extra"]) for l in layers if l["role"] == "softmax"]
+        assert len(softmax) == 8 and sum(s["cross"] for s in softmax) == 4  # down 1, mid 1, up 2 blocks
+        assert all(0 < s["start_share"] < 1 for s in softmax if s["cross"])
+        acts = [json.loads(l["extra"]) for l in layers if l["role"] != "softmax"]
+        assert {a["act_groups"] for a in acts} == ({1} if variant == "minmax" else {8})
+        # W8 codes are 1/4 of FP32; the quantizers' buffers weigh more in so tiny a model
+        assert metrics["size_ratio"] < 0.4 and metrics["calibration_s"] > 0
+        assert torch.isfinite(images).all() and not torch.equal(images, fp_images)
+        assert (images - fp_images).abs().mean() < 0.2

@@ -31,8 +31,10 @@ def quantize_calibrated(ctx: QuantContext) -> QuantResult:
     (engine.quant.gptq_method); the calibration statistics are a run artifact."""
     from dataclasses import asdict
 
+    from engine.prompts import sampling_prompts
     from engine.quant.gptq_method import quantize_calibrated as run
 
-    result = run(ctx.model, ctx.run.method, ctx.params, asdict(ctx.run.sampling), ctx.folder, ctx.progress)
+    sampling = {**asdict(ctx.run.sampling), "prompts": sampling_prompts(ctx.run.sampling)}
+    result = run(ctx.model, ctx.run.method, ctx.params, sampling, ctx.folder, ctx.progress)
     return QuantResult(layers=result.layers, packed=result.packed, metrics=result.metrics,
                        artifacts={"calibration": result.calibration_path})

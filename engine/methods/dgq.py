@@ -11,10 +11,12 @@ from engine.methods.dgq_keys import check_keys_against_model, describe_keys, val
 def quantize_activations(ctx: QuantContext, minmax: bool) -> QuantResult:
     from dataclasses import asdict
 
+    from engine.prompts import sampling_prompts
     from engine.quant.dgq.calibration import DGQSettings, quantize_dgq
 
     settings = DGQSettings.from_params(ctx.params, minmax=minmax)
-    result = quantize_dgq(ctx.model, settings, asdict(ctx.run.sampling), ctx.progress)
+    sampling = {**asdict(ctx.run.sampling), "prompts": sampling_prompts(ctx.run.sampling)}
+    result = quantize_dgq(ctx.model, settings, sampling, ctx.progress)
     return QuantResult(layers=result.layers, packed=result.packed, half=result.half, metrics=result.metrics)
 
 

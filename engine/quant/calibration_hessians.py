@@ -1,12 +1,15 @@
 """Calibration data for post-training quantization, collected with the full-precision model.
 
-The calibration set is `samples` prompts (every digit equally often, in an order and in
-training wordings other than the evaluation's drawn from the calibration seed) sampled by the
-experiment's own sampler and guidance, over every step of a `steps`-step schedule, so the
-statistics cover the whole noise range and both halves of classifier-free guidance. A further `held_out` prompts
+The calibration set is `samples` prompts (for the digits models every digit equally often, in
+training wordings other than the evaluation's; for other models seeded draws from a part of the
+experiment's prompts) sampled by the experiment's own sampler and guidance, over every step of a
+`steps`-step schedule, so the statistics cover the whole noise range and both halves of
+classifier-free guidance. A further `held_out` prompts
 give the inputs on which each layer's output error is measured.
 
-Held-out and calibration prompts are disjoint. The digits have 10 classes only, and the model
+Held-out and calibration prompts are disjoint (the adapter's `calibration_split`). For a
+model with the experiment's prompts, its distinct prompts are split in two seeded parts in
+proportion to `samples` and `held_out`. The digits have 10 classes only, and the model
 must be calibrated for every class it is evaluated on, so the split is by wording, not by
 class: calibration prompts use the training templates other than the evaluation's
 (`EVAL_TEMPLATE`, "a handwritten digit seven"), held-out prompts use the evaluation's. So no
@@ -17,9 +20,9 @@ were calibration prompts, and 84% of the held-out input rows of the adaLN layers
 only the timestep and pooled prompt, repeated calibration rows exactly.) The unconditional half
 of classifier-free guidance (the empty prompt) is the same in both sets, and in the
 evaluation: its adaLN rows, a function of the step alone, are the ones the evaluation meets.
-The noise of the two sets is disjoint too (rows `:samples` and `samples:` of one draw), and
-is not the evaluation's: it continues the calibration seed's generator after the prompts, where
-the evaluation's noise starts a generator afresh, so the two differ even for equal seeds.
+The noise of the two sets is disjoint too (samples `:samples` and `samples:` of one draw), and
+is not the evaluation's: it comes from the calibration stream of per-sample generators
+(`engine.sampling.CALIBRATION`), so the two differ even for equal seeds.
 
 What is collected, per quantized Linear (forward hooks, nothing but running sums is kept):
 - `absmax`: the largest |input| seen, for static activation scales;
@@ -49,9 +52,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.data.digits import EVAL_TEMPLATE, TEMPLATES, prompt_for
 from engine.models.loader import TextToImageModel
-from engine.sampling import sample_images
+from engine.sampling import CALIBRATION, initial_noise, sample_images
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 CALIBRATION_FILE = "calibration.safetensors"
@@ -66,31 +68,24 @@ class CalibrationSet:
     held_out_noise: torch.Tensor
 
 
-CALIBRATION_TEMPLATES = tuple(t for t in TEMPLATES if t != EVAL_TEMPLATE)
-HELD_OUT_TEMPLATES = (EVAL_TEMPLATE,)
-
-
-def calibration_set(model: TextToImageModel, cfg: dict) -> CalibrationSet:
-    """Seeded prompts and initial noise: calibration prompts in the training wordings other
-    than the evaluation's, held-out prompts in the evaluation's (see the module docstring)."""
+def calibration_set(model: TextToImageModel, cfg: dict, prompts: list[str] | None = None) -> CalibrationSet:
+    """Seeded, disjoint calibration and held-out prompts (see the module docstring) and their
+    initial noise."""
     n, m = cfg["samples"], cfg["held_out"]
     if n < 1 or m < 1:
         raise ValueError(f"empty calibration set: samples={n}, held_out={m} (need at least 1 each)")
     gen = torch.Generator().manual_seed(cfg["seed"])
-    # Every digit as often as the other ones (up to one), in a seeded order, in both sets.
-    digits = [(torch.arange(k) % 10)[torch.randperm(k, generator=gen)].tolist() for k in (n, m)]
-    templates = torch.randint(0, len(CALIBRATION_TEMPLATES), (n,), generator=gen).tolist()
-    prompts = [prompt_for(d, CALIBRATION_TEMPLATES[t]) for d, t in zip(digits[0], templates)]
-    held_out = [prompt_for(d, HELD_OUT_TEMPLATES[i % len(HELD_OUT_TEMPLATES)]) for i, d in enumerate(digits[1])]
-    noise = torch.randn((n + m, *model.sample_shape), generator=gen, dtype=torch.float32)
-    return CalibrationSet(prompts, noise[:n], held_out, noise[n:])
+    calibration, held_out = model.calibration_split(n, m, gen, prompts)
+    noise = initial_noise(n + m, model.sample_shape, cfg["seed"], stream=CALIBRATION)
+    return CalibrationSet(calibration, noise[:n], held_out, noise[n:])
 
 
 def run_sampler(model: TextToImageModel, prompts: list[str], noise: torch.Tensor, cfg: dict,
                 sampling: dict, on_progress: Callable[[int, int], None] | None = None) -> None:
-    """Sample like the experiment does (its guidance and batch size), over `cfg['steps']` steps."""
+    """Sample like the experiment does (its guidance, negative prompt and batch size), over
+    `cfg['steps']` steps."""
     sample_images(model, prompts, noise, cfg["steps"], sampling["guidance"], sampling["batch_size"],
-                  on_progress=on_progress)
+                  on_progress=on_progress, negative_prompt=sampling.get("negative_prompt", ""))
 
 
 def _input_of(args: tuple) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Fisher statistics depend only on the weights and the calibration set; measured sensitivities
 also on the precision measured. Both are stored as safetensors under the runs folder's `cache/`,
-keyed by a hash of the denoiser's and text encoder's weights, the scheduler, the model kind and
+keyed by a hash of the denoiser's and text encoders' weights, the scheduler, the model kind and
 the calibration config, with the layer names in the metadata (an entry whose layers differ, or
 that cannot be read, is recomputed). Each entry is computed under a file lock, so parallel runs
 wait for the first instead of repeating its work.
@@ -116,7 +116,7 @@ def cache_key(model: TextToImageModel, calibration: dict) -> str:
     digest.update(json.dumps({"kind": model.kind, "scheduler": model.scheduler_config,
                               "calibration": calibration, "version": CACHE_VERSION},
                              sort_keys=True, default=str).encode())
-    for module in (model.denoiser, model.text_encoder):
+    for module in model.cache_modules:
         for key, tensor in module.state_dict().items():
             t = tensor.detach().cpu().contiguous().reshape(-1)
             digest.update(f"{key}:{t.dtype}:{tuple(tensor.shape)}".encode())

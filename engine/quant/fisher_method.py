@@ -60,8 +60,9 @@ class FisherPlan:
 
 
 def plan_fisher(model: TextToImageModel, params: dict, fp32_bytes: int, cache_dir: Path,
-                progress: Progress | None = None) -> FisherPlan:
-    """The per-layer precisions of a `fisher` variant and what to store about them."""
+                progress: Progress | None = None, prompts: list[str] | None = None) -> FisherPlan:
+    """The per-layer precisions of a `fisher` variant and what to store about them. `prompts`:
+    the experiment's, for models whose calibration data is generated from prompts."""
     progress = progress or (lambda *a, **k: None)
     denoiser = model.denoiser
     layers = quantizable_layers(denoiser)
@@ -79,8 +80,8 @@ def plan_fisher(model: TextToImageModel, params: dict, fp32_bytes: int, cache_di
         if least > limit:
             raise PlanError("budget", budget_message(params["budget"], params["candidates"], least / fp32_bytes))
     # 2. Statistics, computed once per model and calibration set.
-    cache = FisherCache(Path(cache_dir), model, params["calibration"])
-    calibration = functools.cache(lambda: calibration_for(model, **params["calibration"]))
+    cache = FisherCache(Path(cache_dir), model, model.calibration_key(params["calibration"], prompts))
+    calibration = functools.cache(lambda: calibration_for(model, **params["calibration"], prompts=prompts))
     stats, cached = cache.fisher(lambda: _fisher_stats(denoiser, calibration(), progress))
     low = low_precision(params)
     measured, sens_seconds = None, 0.0
@@ -120,13 +121,16 @@ def _two_level(params: dict, stats: FisherStats, names: list[str], low: int) -> 
 
 def _layer_info(params: dict, stats: FisherStats, measured: Sensitivity | None, names: list[str],
                 low: int) -> dict[str, dict]:
-    """Per layer: the `fisher` and `sensitivity` columns and the `extra` JSON."""
+    """Per layer: the `fisher` and `sensitivity` columns and the `extra` JSON. `fisher_err` (per
+    precision) and `rel_est_sensitivity` (at `low`) are Fisher-weighted errors: relative
+    quantities, proportional to the loss increase they estimate, not on the scale of the
+    measured `sensitivity` (see `engine.quant.fisher`)."""
     symmetric, strategy = params["symmetric"], params["strategy"]
     estimate = stats.error(low, symmetric)
     info = {}
     for i, name in enumerate(names):
         extra = {"fisher_err": {str(b): float(stats.error(b, symmetric)[i]) for b in _ALL_PRECISIONS},
-                 "est_sensitivity": float(estimate[i])}
+                 "rel_est_sensitivity": float(estimate[i])}
         if strategy != "budget":
             extra["score"] = float(_scores(params, stats, low)[i])
         if strategy == "groups":
@@ -156,7 +160,8 @@ def _metrics(params: dict, stats: FisherStats, measured: Sensitivity | None, sha
         **correlations,
         "high_fraction": float(sizes[above].sum() / sizes.sum()),
         "high_layers": float(above.sum()),
-        "est_loss_increase": float(sum(stats.error(b, symmetric)[i] for i, b in enumerate(bits))),
+        # relative, not a loss: proportional to the estimated increase (see engine.quant.fisher)
+        "rel_est_loss_increase": float(sum(stats.error(b, symmetric)[i] for i, b in enumerate(bits))),
         "calib_loss": stats.loss,
         "fisher_s": stats.seconds,
     }

@@ -238,7 +238,7 @@ def _quantize(model, method, params, sampling, folder, targets, originals, progr
 
     # 1. calibration with the full-precision model
     start = time.time()
-    cal = calibration_set(model, cfg)
+    cal = calibration_set(model, cfg, sampling.get("prompts"))
     absmax = AbsMax(linears)
     recorder, handle = (BlockInputs.record(transformer_blocks(denoiser)[0]) if method == "gptq" else (None, None))
     try:

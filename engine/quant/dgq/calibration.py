@@ -79,11 +79,14 @@ class DGQResult:
     metrics: dict[str, float]
 
 
-def calibration_prompts(model, settings: DGQSettings) -> tuple[list[str], torch.Tensor]:
+def calibration_prompts(model, settings: DGQSettings, prompts: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    """The GPTQ calibration set's prompts and noise (engine.quant.calibration_hessians): for the
+    digits models their training wordings other than the evaluation's, for other models a
+    seeded part of the experiment's prompts; noise from the calibration stream."""
     from engine.quant.calibration_hessians import calibration_set
 
-    cal = calibration_set(model, {"samples": settings.samples, "held_out": 1, "seed": settings.seed})
-    return cal.prompts, cal.noise  # the held-out prompt is not used
+    cal = calibration_set(model, {"samples": settings.samples, "held_out": 1, "seed": settings.seed}, prompts)
+    return cal.prompts, cal.noise  # the one held-out prompt is not used
 
 
 def install_processors(denoiser: nn.Module, softmax: SoftmaxSettings, seed: int) -> dict[str, tuple]:
@@ -107,14 +110,16 @@ def _restore(targets, attns) -> None:
 
 
 def quantize_dgq(model, settings: DGQSettings, sampling: dict, progress: Progress | None = None) -> DGQResult:
-    """Calibrate on the model's own sampling trajectory (its sampler and guidance), then quantize."""
-    from engine.sampling import sample_images
+    """Calibrate on the model's own sampling trajectory (its adapter's sampler, guidance and
+    negative prompt; `sampling["prompts"]` the experiment's prompts, None for the digits
+    models), then quantize its denoiser."""
+    from engine.quant.calibration_hessians import run_sampler
 
-    prompts, noise = calibration_prompts(model, settings)
+    prompts, noise = calibration_prompts(model, settings, sampling.get("prompts"))
     on_progress = (lambda done, total: progress("calibrate", done, total)) if progress else None
-    trajectory = lambda: sample_images(model, prompts, noise, settings.steps, sampling["guidance"],
-                                       sampling["batch_size"], on_progress=on_progress)
-    return quantize_denoiser(model.denoiser, settings, trajectory)
+    cfg = {"steps": settings.steps}
+    return quantize_denoiser(model.denoiser, settings,
+                             lambda: run_sampler(model, prompts, noise, cfg, sampling, on_progress))
 
 
 def quantize_denoiser(denoiser: nn.Module, settings: DGQSettings, run_calibration: Callable[[], object]) -> DGQResult:

@@ -137,7 +137,7 @@ class GroupPlan:
     """One layer's calibrated input quantizer."""
 
     axis: str  # channel | position | tensor
-    labels: torch.Tensor  # int64 group of each index along the axis ([1] for tensor)
+    labels: torch.Tensor  # group of each index along the axis ([1] for tensor)
     scale: torch.Tensor  # float32 [groups]
     zero: torch.Tensor  # float32 [groups]
     spreads: dict[str, float]  # D of each recorded axis
@@ -207,7 +207,7 @@ def add_group_quant(module: nn.Module, name: str, plan: GroupPlan, bits: int) ->
         raise ValueError(f"{name} already quantizes its input")
     device = next(module.parameters()).device
     module.register_buffer("dgq_axis", torch.tensor(AXES[plan.axis], dtype=torch.int64, device=device))
-    module.register_buffer("dgq_group", plan.labels.to(device))
+    module.register_buffer("dgq_group", plan.labels.to(device, torch.int32))  # int32: half of int64 on disk
     module.register_buffer("dgq_scale", plan.scale.to(device))
     module.register_buffer("dgq_zero", plan.zero.to(device))
     hook = GroupQuant(name, bits)

@@ -1,0 +1,92 @@
+"""What the adapters of real diffusers pipelines (SD 1.x / 2.x, SD 3.x) share: loading a local
+folder offline, the experiment's scheduler, sampling through the pipeline's own `__call__` with
+given prompt embeddings and initial latents, and decoding with the VAE.
+
+Loading never downloads: `HF_HUB_OFFLINE=1` is set and `local_files_only=True` is passed; only
+safetensors weights are read. `transformers` is imported here, never at qtui or engine start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from engine.models.adapters.base import Conditioning, PipelineAdapter
+
+
+class DiffusersAdapter(PipelineAdapter):
+    pipeline_class: str  # diffusers class name
+    denoiser_attr: str  # "unet" or "transformer"
+
+    def load_kwargs(self) -> dict:
+        return {}
+
+    def __init__(self, info, options, device):
+        super().__init__(info, options, device)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+        self.kind = info.class_name
+        try:
+            pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
+                self.path, dtype=self.dtype, local_files_only=True, use_safetensors=True, variant=info.variant,
+                **self.load_kwargs())
+        except (OSError, ValueError, EnvironmentError) as exc:
+            from engine.models.loader import ModelLoadError
+
+            raise ModelLoadError(f"{self.path}: cannot load {self.pipeline_class} ({exc})") from None
+        if options.scheduler:
+            pipe.scheduler = self._scheduler(diffusers, pipe.scheduler, options.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.denoiser = getattr(pipe, self.denoiser_attr).eval()
+        self.scheduler_config = dict(pipe.scheduler.config)
+
+    def _scheduler(self, diffusers, current, name: str):
+        from engine.models.loader import ModelLoadError
+
+        compatible = sorted(c.__name__ for c in current.compatibles)
+        cls = getattr(diffusers, name, None)
+        if cls is None or name not in compatible + [type(current).__name__]:
+            raise ModelLoadError(f"{self.path}: scheduler {name!r} does not fit this pipeline; compatible: "
+                                 f"{', '.join(compatible)}")
+        return cls.from_config(current.config)
+
+    @property
+    def cache_modules(self):
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return (self.denoiser, *[getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None])
+
+    def call_kwargs(self, cond: Conditioning, negative: Conditioning | None) -> dict:
+        """The prompt-embedding arguments of the pipeline's `__call__`."""
+        return {"prompt_embeds": cond.states, "negative_prompt_embeds": None if negative is None else negative.states}
+
+    @torch.no_grad()
+    def sample_batch(self, prompts: Sequence[str], latents, steps, guidance, negative_prompt="", on_step=None):
+        cond = self.encode(prompts)
+        negative = self.encode([negative_prompt] * len(prompts)) if guidance > 1 else None
+
+        def callback(pipe, i, t, kwargs):
+            if on_step:
+                on_step(i + 1)
+            return kwargs
+
+        out = self.pipe(**self.call_kwargs(cond, negative), latents=latents.to(self.device, self.dtype),
+                        num_inference_steps=steps, guidance_scale=guidance, height=self.height, width=self.width,
+                        output_type="latent", callback_on_step_end=callback)
+        return out.images
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.pipe.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        images = vae.decode(self.unscale(latents.to(self.device, vae.dtype)), return_dict=False)[0]
+        return images.clamp(-1, 1).float().cpu()
