@@ -44,7 +44,7 @@ STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 
 # Per-layer quantities that methods may fill in; NULL where a method does not produce them.
-LAYER_QUANTITIES = ("bits", "weight_err", "fisher", "sensitivity", "out_err")
+LAYER_QUANTITIES = ("bits", "weight_err", "fisher", "sensitivity", "out_err", "start_share")
 
 
 BUSY_TIMEOUT_MS = 10000

@@ -19,6 +19,7 @@ QUANTITIES = {
     "fisher": "Fisher information",
     "sensitivity": "sensitivity",
     "out_err": "output error",
+    "start_share": "start-token attention share",  # DGQ's softmax rows: where the attention mass sits
 }
 FP_BITS = 32.0
 PALETTE = ["#5f0087", "#5f5faf", "#005faf", "#0087af", "#00af87", "#5fd75f", "#afd75f", "#ffd75f"]
