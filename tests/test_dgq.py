@@ -390,7 +390,7 @@ calibration = {{ samples = 3, seed = 1, steps = 2 }}
 """
 
 
-def test_dgq_and_minmax_on_the_tiny_stable_diffusion_pipeline(tmp_path, tiny_sd):
+def test_dgq_and_minmax_on_the_tiny_stable_diffusion_pipeline(tmp_path, tiny_sd, sd_evaluation):
     """The run's quantize stage (pack, store, load back) through the SD adapter, then sampling
     from the stored model: the same code as on the digits UNet, nothing SD-specific."""
     from tests.test_real_pipelines import SD_TOML, quantize_and_sample, write
@@ -408,3 +408,13 @@ def test_dgq_and_minmax_on_the_tiny_stable_diffusion_pipeline(tmp_path, tiny_sd)
         assert metrics["size_ratio"] < 0.4 and metrics["calibration_s"] > 0
         assert torch.isfinite(images).all() and not torch.equal(images, fp_images)
         assert (images - fp_images).abs().mean() < 0.2
+
+
+@pytest.fixture
+def sd_evaluation(inception_home, tiny_clip_dir, tmp_path_factory):
+    """The evaluation keys the SD test catalogues need (tests/test_real_pipelines.py)."""
+    from tests.test_real_pipelines import EVALUATION, evaluation_toml
+
+    EVALUATION["keys"] = evaluation_toml(inception_home, tiny_clip_dir, tmp_path_factory.mktemp("reference"))
+    yield
+    EVALUATION.clear()

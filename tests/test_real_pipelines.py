@@ -186,22 +186,27 @@ calibration = {{ samples = 2, held_out = 1, seed = 1, steps = 2 }}
 EVALUATION = {}  # the evaluation keys (Inception weights, reference statistics, CLIP) of the test catalogues
 
 
-@pytest.fixture(autouse=True, scope="module")
-def evaluation_keys(inception_home, tiny_clip_dir, tmp_path_factory):
-    """Inception FID against reference statistics, and CLIP score, from files the tests make."""
+def evaluation_toml(inception_home, tiny_clip_dir, folder) -> str:
+    """Inception FID against reference statistics (written to `folder`), and CLIP score, from
+    files the tests make: the evaluation keys of a test catalogue."""
     import numpy as np
 
     from engine.models.inception import FEATURE_DIM, WEIGHTS_NAME
 
-    stats = tmp_path_factory.mktemp("reference") / "reference.npz"
+    stats = folder / "reference.npz"
     rng = np.random.default_rng(0)
     np.savez(stats, mu=rng.normal(size=FEATURE_DIM) * 0.1, sigma=np.eye(FEATURE_DIM) * 0.01)
-    EVALUATION["keys"] = "\n".join([
+    return "\n".join([
         'feature_model = "inception"',
         f'inception_weights = "{inception_home / "hub" / "checkpoints" / WEIGHTS_NAME}"',
         f'reference = "{stats}"',
         f'clip_model = "local-dir:{tiny_clip_dir}"',
     ])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def evaluation_keys(inception_home, tiny_clip_dir, tmp_path_factory):
+    EVALUATION["keys"] = evaluation_toml(inception_home, tiny_clip_dir, tmp_path_factory.mktemp("reference"))
     yield
     EVALUATION.clear()
 
