@@ -3,8 +3,8 @@ bytes at each precision in the packed checkpoint, and the checks of a `fisher` v
 only the model's layer names and shapes.
 
 Precisions are 2..8 (integer codes), 16 (float16) and 32 (full precision). The byte costs are
-those of `engine.quant.packing` (format version 2): codes packed 4, 2 or 1 per byte, a float16
-scale per output channel, a uint8 zero point per channel for asymmetric layers, and the bias in
+those of `engine.quant.packing` (format version 3): codes as a dense bit stream, b bits per
+weight (ceil(n * b / 8) bytes for a layer of n weights), a float16 scale per output channel, a uint8 zero point per channel for asymmetric layers, and the bias in
 float16 for quantized and float16 layers, in float32 for full-precision ones.
 
 The checks run in the config loader on the shapes read from the model's safetensors header
@@ -55,8 +55,9 @@ class ModelTensors:
     header_bytes: int
 
 
-def codes_per_byte(bits: int) -> int:
-    return 4 if bits <= 2 else 2 if bits <= 4 else 1
+def code_bytes(numel: int, bits: int) -> int:
+    """Bytes of one layer's `bits`-bit codes: `engine.quant.packing.code_bytes`, torch-free."""
+    return math.ceil(numel * bits / 8)
 
 
 def layer_bytes(shape: tuple[int, ...], has_bias: bool, bits: int, symmetric: bool = True) -> int:
@@ -66,7 +67,7 @@ def layer_bytes(shape: tuple[int, ...], has_bias: bool, bits: int, symmetric: bo
         return 4 * numel + (4 * channels if has_bias else 0)
     if bits == FP16:
         return 2 * numel + (2 * channels if has_bias else 0)
-    codes = math.ceil(numel / codes_per_byte(bits))
+    codes = code_bytes(numel, bits)
     return codes + 2 * channels + (0 if symmetric else channels) + (2 * channels if has_bias else 0)
 
 

@@ -19,6 +19,7 @@ from engine.grids import SAMPLES_FILE, comparison_grid, run_grid, save_samples, 
 from engine.models.loader import load_feature_model, load_text_to_image
 from engine.methods import QuantContext, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
+from engine.quant.packing import bits_per_weight
 from engine.run_config import RunConfig
 from engine.sampling import initial_noise, sample_images
 from engine.store import Store
@@ -60,6 +61,8 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
         store.add_artifact(run_id, kind, path)
     metrics.update(size_bytes=size, size_ratio=size / fp32_bytes, mean_bits=mean_bits(result.layers),
                    quantize_s=time.time() - start)
+    if result.packed is not None:
+        metrics["bits_per_weight"] = bits_per_weight(folder / CHECKPOINT_FILE)
     metrics.update(result.metrics)  # e.g. calibration_s, and quantize_s without the calibration
     store.put_layers(run_id, result.layers)
     reporter.progress("quantize", 1, 1)

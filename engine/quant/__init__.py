@@ -1,7 +1,7 @@
 """Weight quantization core: RTN quantizer, layer roles, the `quantize_` verb and packing."""
 
 from engine.quant.apply import QuantReport, RTNConfig, quantize_
-from engine.quant.packing import load_packed, pack_codes, packed_nbytes, save_dense, save_packed, unpack_codes
+from engine.quant.packing import bits_per_weight, load_packed, pack_codes, packed_nbytes, save_dense, save_packed, unpack_codes
 from engine.quant.roles import ROLES, layer_role, quantizable_layers
 from engine.quant.rtn import (
     QuantizedTensor,
@@ -16,6 +16,7 @@ __all__ = [
     "QuantReport",
     "QuantizedTensor",
     "RTNConfig",
+    "bits_per_weight",
     "dequantize",
     "fake_quantize",
     "layer_role",

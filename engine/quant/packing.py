@@ -1,9 +1,10 @@
 """Real low-bit storage: bit-packed codes in a safetensors file, and dense size references.
 
-Layout of a packed file (format version 2). The quantized layers are concatenated, in model
+Layout of a packed file (format version 3). The quantized layers are concatenated, in model
 order, into four tensors:
-  `quant.codes`   uint8, each layer's codes packed 4 (bits <= 2), 2 (bits <= 4) or 1 per byte,
-                  every layer starting on a fresh byte
+  `quant.codes`   uint8, each layer's codes as a dense bit stream (`pack_codes`): a layer of
+                  n weights at b bits takes ceil(n * b / 8) bytes, every layer starting on a
+                  fresh byte
   `quant.scales`  float16, each layer's per-output-channel scales
   `quant.zeros`   uint8, the zero points of the asymmetric layers only (symmetric layers use
                   2^(bits-1)); absent when every layer is symmetric
@@ -12,7 +13,7 @@ order, into four tensors:
 ones in float32, integer buffers unchanged), except the weights and biases of the layers kept
 in float16 (mixed precision), which are stored under their own names as float16. The metadata
 key "qtui_quant" holds compact JSON
-`{"version":2,"layers":[[name,bits,symmetric,shape,has_bias],...],"half":[name,...]}`,
+`{"version":3,"layers":[[name,bits,symmetric,shape,has_bias],...],"half":[name,...]}`,
 symmetric and has_bias as 0/1, in the order of the concatenation (a grouped layer, as GPTQ's
 `group_size` makes, adds a sixth element, the group size, and has out x groups scales and
 zeros); it is all that is needed to slice the tensors back ("half", present only when some
@@ -20,6 +21,10 @@ layers are float16, lists them).
 
 The biases of quantized layers, and the float16 layers, are stored as float16: `quantize_`
 rounds them, so the model it leaves behind is reproduced exactly by `load_packed`.
+
+Version 2 differed only in `quant.codes`: codes were packed 4 (bits <= 2), 2 (bits <= 4) or 1
+per byte, so 3-bit codes took 4 bits and 5..7-bit codes 8; for 2, 4 and 8 bits the bytes are
+the same as version 3's. `load_packed` reads both versions.
 """
 
 from __future__ import annotations
@@ -38,42 +43,93 @@ from torch import nn
 from engine.quant.rtn import QuantizedTensor, dequantize
 
 META_KEY = "qtui_quant"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 CODES, SCALES, ZEROS, BIASES = "quant.codes", "quant.scales", "quant.zeros", "quant.biases"
 QUANT_KEYS = {CODES: torch.uint8, SCALES: torch.float16, ZEROS: torch.uint8, BIASES: torch.float16}
 
 
-def codes_per_byte(bits: int) -> int:
-    """How many `bits`-bit codes share one byte: 4, 2 or 1."""
+def check_code_bits(bits: object) -> int:
+    """`bits` if it is a code width this format stores (an int in 1..8), else ValueError."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
-    return 4 if bits <= 2 else 2 if bits <= 4 else 1
+    return bits
+
+
+def code_bytes(numel: int, bits: int, version: int = FORMAT_VERSION) -> int:
+    """Bytes that `numel` codes of `bits` bits take in a packed file of format `version`:
+    ceil(numel * bits / 8) (version 3); version 2 rounded 3 bits up to 4 and 5..7 up to 8."""
+    check_code_bits(bits)
+    if version == 2:
+        return math.ceil(numel / _v2_codes_per_byte(bits))
+    return math.ceil(numel * bits / 8)
+
+
+# Codes are packed 8 at a time: 8 codes of `bits` bits are exactly `bits` bytes, assembled in
+# one int64 (at most 56 bits used below 8 bits). Work goes in chunks of this many codes, to
+# bound the temporary int64 tensors (8 bytes per code) on large models.
+_CHUNK = 1 << 21
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes (< 2^bits) into a 1-D uint8 tensor, low bits first, zero-padded."""
-    per_byte = codes_per_byte(bits)
+    """Pack uint8 codes (< 2^bits) into a dense 1-D uint8 bit stream: code i occupies stream
+    bits [i * bits, (i + 1) * bits), low bit first, stream bit k being bit k % 8 of byte
+    k // 8; ceil(numel * bits / 8) bytes, the last one zero-padded. (For 2, 4 and 8 bits this
+    is also the byte layout of format version 2.)"""
+    check_code_bits(bits)
     if codes.dtype != torch.uint8:
         raise ValueError(f"codes must be uint8, got {codes.dtype}")
     flat = codes.detach().cpu().reshape(-1)
     if flat.numel() and int(flat.max()) >= 2**bits:
         raise ValueError(f"code {int(flat.max())} does not fit in {bits} bits")
-    if per_byte == 1:
+    if bits == 8:
         return flat.clone()
-    width = 8 // per_byte
-    pad = (-flat.numel()) % per_byte
-    groups = torch.cat([flat, flat.new_zeros(pad)]).to(torch.int16).reshape(-1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int16) * width
-    return (groups << shifts).sum(dim=1).to(torch.uint8)
+    n = flat.numel()
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    parts = []
+    for start in range(0, n, _CHUNK):
+        part = flat[start : start + _CHUNK].to(torch.int64)
+        part = torch.cat([part, part.new_zeros((-part.numel()) % 8)]).reshape(-1, 8)
+        words = (part << shifts).sum(dim=1)  # the 8 codes' 8 * bits bits, code 0 lowest
+        parts.append(((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1))
+    out = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    return out[: code_bytes(n, bits)].clone()  # the bytes cut off held only padding zeros
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: the first `numel` codes as a 1-D uint8 tensor."""
-    per_byte = codes_per_byte(bits)
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int, version: int = FORMAT_VERSION) -> torch.Tensor:
+    """Inverse of `pack_codes`: the first `numel` codes as a 1-D uint8 tensor. `version=2`
+    reads the layout of format version 2 (codes 4, 2 or 1 per byte)."""
+    check_code_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ValueError("packed codes must be a 1-D uint8 tensor")
-    if packed.numel() != math.ceil(numel / per_byte):
+    if packed.numel() != code_bytes(numel, bits, version):
         raise ValueError(f"{packed.numel()} bytes cannot hold exactly {numel} {bits}-bit codes")
+    if version == 2:
+        return _unpack_v2(packed, bits, numel)
+    if bits == 8:
+        return packed.clone()
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    mask = 2**bits - 1
+    chunk_bytes = _CHUNK // 8 * bits  # whole groups of 8 codes
+    parts = []
+    for start in range(0, packed.numel(), chunk_bytes):
+        part = packed[start : start + chunk_bytes].to(torch.int64)
+        part = torch.cat([part, part.new_zeros((-part.numel()) % bits)]).reshape(-1, bits)
+        words = (part << byte_shifts).sum(dim=1)
+        parts.append(((words[:, None] >> shifts) & mask).to(torch.uint8).reshape(-1))
+    out = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    return out[:numel].clone()
+
+
+def _v2_codes_per_byte(bits: int) -> int:
+    """Format version 2 packed 4 (bits <= 2), 2 (bits <= 4) or 1 code per byte."""
+    return 4 if bits <= 2 else 2 if bits <= 4 else 1
+
+
+def _unpack_v2(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    per_byte = _v2_codes_per_byte(bits)
     if per_byte == 1:
         return packed.clone()
     width = 8 // per_byte
@@ -193,13 +249,18 @@ def packed_nbytes(
     return len(save(tensors, metadata=meta))
 
 
+def _version(info: object) -> int:
+    """The format version of the "qtui_quant" metadata, if this module reads it."""
+    version = info.get("version") if isinstance(info, dict) else None
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        readable = " or ".join(str(v) for v in READABLE_VERSIONS)
+        raise ValueError(f"unsupported packed format version {version!r} (expected {readable})")
+    return version
+
+
 def _parse_layers(info: object) -> list[tuple[str, int, bool, tuple[int, ...], bool, int | None]]:
     """Validate the "qtui_quant" metadata and return its layers as typed tuples."""
-    if not isinstance(info, dict) or info.get("version") != FORMAT_VERSION:
-        version = info.get("version") if isinstance(info, dict) else None
-        raise ValueError(
-            f"unsupported packed format version {version!r} (expected {FORMAT_VERSION})"
-        )
+    _version(info)
     layers = []
     for entry in info.get("layers", []):
         try:
@@ -222,7 +283,7 @@ def _parse_layers(info: object) -> list[tuple[str, int, bool, tuple[int, ...], b
             ok = False
         if not ok:
             raise ValueError(f"malformed packed layer entry {entry!r}")
-        codes_per_byte(bits)
+        check_code_bits(bits)
         layers.append((name, bits, bool(symmetric), tuple(shape), bool(has_bias), group))
     return layers
 
@@ -263,6 +324,7 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
         meta = f.metadata() or {}
         info = json.loads(meta[META_KEY]) if META_KEY in meta else None
         layers = _parse_layers(info) if info is not None else []
+        version = _version(info) if info is not None else FORMAT_VERSION
         keys = set(f.keys())
         state, dtypes = {}, {}
         for key in f.keys():
@@ -285,8 +347,8 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
     for name, bits, symmetric, shape, has_bias, group in layers:
         channels, numel = shape[0], math.prod(shape)
         grids = channels * (shape[1] // group) if group else channels
-        nbytes = math.ceil(numel / codes_per_byte(bits))
-        codes = unpack_codes(readers[CODES].take(nbytes), bits, numel)
+        nbytes = code_bytes(numel, bits, version)
+        codes = unpack_codes(readers[CODES].take(nbytes), bits, numel, version)
         scale = readers[SCALES].take(grids)
         if symmetric:
             zero = torch.full((grids,), 2 ** (bits - 1), dtype=torch.uint8)
@@ -322,6 +384,24 @@ def packed_breakdown(path: str | Path) -> dict[str, int]:
     gap = size - sum(parts.values())  # bytes not covered by any tensor (none in practice)
     parts["other"] += gap
     return parts
+
+
+def bits_per_weight(path: str | Path) -> float | None:
+    """Real stored bits per weight of the quantized layers of a packed file: 8 x the bytes of
+    `quant.codes`, `quant.scales` and `quant.zeros` (codes with each layer's padding to a
+    whole byte, scales and zero points) over the number of weights of those layers. Biases,
+    float16 and full-precision layers and the file header are not counted (they are in
+    `size_bytes`). None when the file holds no quantized layer."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+    if META_KEY not in meta:
+        return None
+    layers = _parse_layers(json.loads(meta[META_KEY]))
+    weights = sum(math.prod(shape) for _, _, _, shape, _, _ in layers)
+    if weights == 0:
+        return None
+    parts = packed_breakdown(path)
+    return 8 * (parts["codes"] + parts["scales"] + parts["zeros"]) / weights
 
 
 def save_dense(path: str | Path, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:

@@ -4,6 +4,13 @@ A weight of shape [out, ...] (Linear [out, in], Conv2d [out, in, kh, kw], ...) i
 row by row along dim 0. Codes are stored unsigned (0 .. 2^bits - 1) with a per-channel zero
 point, so `w_hat = (code - zero) * scale`.
 
+Both modes use the full grid of 2^bits codes. Asymmetric: the channel's range [min, max]
+(widened to contain 0) is split into 2^bits - 1 steps. Symmetric (as GPTQ's reference
+quantizer): the range [-absmax, absmax] is split the same way, scale = 2 absmax / (2^bits - 1),
+with the mid code 2^(bits-1) as zero, so that 0 is exact and the signed codes run from
+-2^(bits-1) to 2^(bits-1) - 1. (A grid restricted to +-(2^(bits-1) - 1), one code unused, has
+a step larger by (2^bits - 1) / (2^bits - 2): x1.07 at 4 bits, x1.17 at 3, x1.5 at 2.)
+
 The scale is rounded to float16 *before* the codes are computed, and the codes are computed
 with that float16 value, so the simulated weight (`dequantize`) equals what a float16-scale
 storage format reproduces, bit for bit. The float16 rounding is done upwards (never below the
@@ -73,7 +80,9 @@ def quantize_tensor(w: torch.Tensor, bits: int, symmetric: bool = True) -> Quant
     qmax = 2**bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
-        scale = _fp16_scale(flat.abs().amax(dim=1) / (half - 1))
+        # |w| / scale <= half - 1/2: +absmax rounds to at most half - 1/2 -> clamped to
+        # half - 1 (error scale / 2), -absmax to -half or -half + 1; nothing else is clipped.
+        scale = _fp16_scale(2 * flat.abs().amax(dim=1) / qmax)
         signed = torch.round(flat / scale.float()[:, None]).clamp(-half, half - 1)
         codes = signed + half
         zero = torch.full_like(scale, half, dtype=torch.uint8)
