@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import ConfigError
+from engine.execution_keys import validate_execution
 from engine.methods import BadKey, check_against_model, validate_method
 from engine.models.registry import ModelNotFound, resolve_model
 from engine.run_config import EvalConfig, ModelRef, RunConfig, SamplingConfig
@@ -36,7 +37,7 @@ EXPERIMENT_DEFAULTS = {
     "batch_size": 250,
     "bootstrap": 200,
 }
-VARIANT_KEYS = ("description", "method")
+VARIANT_KEYS = ("description", "method", "execution", "autocast")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -46,6 +47,8 @@ class Variant:
     description: str
     method: str
     params: dict
+    execution: str = "simulated"  # engine.execution_keys
+    autocast: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Experiment:
             feature_model=ModelRef(self.feature_model, str(self.feature_model_path)),
             method=v.method,
             params=v.params,
+            execution=v.execution,
+            autocast=v.autocast,
             sampling=SamplingConfig(
                 samples=samples if samples is not None else self.samples,
                 steps=self.steps,
@@ -222,9 +227,11 @@ class _Reader:
         try:
             params = validate_method(method, keys)
             check_against_model(method, params, lambda: self.model_tensors(model_path))
+            execution, autocast = validate_execution(method, params, raw.get("execution"), raw.get("autocast"))
         except BadKey as exc:
             self.fail(table, exc.key, exc.message)
-        return Variant(name=name, description=description, method=method, params=params)
+        return Variant(name=name, description=description, method=method, params=params,
+                       execution=execution, autocast=autocast)
 
 
 def load_catalogue(path: str | Path) -> Catalogue:

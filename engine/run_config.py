@@ -42,6 +42,8 @@ class RunConfig:
     sampling: SamplingConfig
     eval: EvalConfig = field(default_factory=EvalConfig)
     description: str = ""
+    execution: str = "simulated"  # or "real": quantized layers keep their codes (engine.execution)
+    autocast: str | None = None  # "bf16" / "fp16": sample under torch.autocast
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
@@ -56,7 +58,12 @@ class RunConfig:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        # execution keys appear only when set, so the configs (and hashes) of earlier runs stay
+        for key, default in (("execution", "simulated"), ("autocast", None)):
+            if out[key] == default:
+                del out[key]
+        return out
 
 
 def _build(cls, value: dict):
