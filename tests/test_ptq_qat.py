@@ -165,3 +165,46 @@ def test_execution_keys_load_and_default(tiny_experiments):
     assert exp.run_config("R")["execution"] == "real" and "execution" not in exp.run_config("A")
     assert exp.run_config("H")["autocast"] == "bf16"
     assert exp.variants["Q"].params == {"bits": W4, "act_bits": 8, "steps": 5, "lr": 1e-4, "batch_size": 64, "seed": 0}
+
+
+E2E_TOML = """
+[experiments.tiny.variants.P]
+method = "ptq"
+calibration = { samples = 4, held_out = 1, seed = 1, steps = 2 }
+
+[experiments.tiny.variants.Q]
+method = "qat"
+bits = 4
+act_bits = 8
+steps = 3
+batch_size = 8
+
+[experiments.tiny.variants.H]
+method = "none"
+autocast = "bf16"
+"""
+
+
+def test_engine_run_ptq_qat_and_bf16(tmp_path, tiny_models):
+    """Through `engine run`: PTQ (reference int8 graph), QAT W4A8 and bf16 autocast all finish
+    with their own metrics; the QAT checkpoint is the packed one, PTQ's its own."""
+    from engine.store import Store
+    from tests.conftest import TINY_TOML, engine
+
+    toml = tmp_path / "experiments.toml"
+    toml.write_text(TINY_TOML.format(model=tiny_models["model"], classifier=tiny_models["classifier"]) + E2E_TOML)
+    runs_dir = tmp_path / "runs"
+    result = engine("run", "tiny", "--variant", "P", "--variant", "Q", "--variant", "H",
+                    "--experiments", str(toml), "--runs-dir", str(runs_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    store = Store.open(runs_dir)
+    runs = {r["variant"]: r for r in store.runs(experiment="tiny")}
+    assert all(r["status"] == "done" for r in runs.values()), {v: r["error"] for v, r in runs.items()}
+    m = {v: store.metrics(r["id"]) for v, r in runs.items()}
+    assert {"compile_s", "calibration_s", "model_bytes", "ptq_int8_layers"} <= set(m["P"])
+    assert m["P"]["size_bytes"] < m["H"]["size_bytes"] and m["P"]["model_bytes"] < m["H"]["model_bytes"]
+    assert {"finetune_s", "qat_quant_loss", "bits_per_weight"} <= set(m["Q"])
+    kinds = {v: {a["kind"]: a["path"] for a in store.artifacts(r["id"])} for v, r in runs.items()}
+    assert kinds["P"]["checkpoint"].endswith("ptq.safetensors") and "graph" in kinds["P"]
+    assert kinds["Q"]["checkpoint"].endswith("weights.safetensors")
+    assert 0 <= m["H"]["prompt_acc"] <= 1
