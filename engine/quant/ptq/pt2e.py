@@ -14,8 +14,10 @@ Conv2d and Linear is covered, so the deprecated eager torch.ao.quantization API 
 Attention's matrix products (scaled_dot_product_attention), norms and the timestep embedding
 stay in FP32: the quantizer does not annotate them.
 
-The graph is exported at the batch the sampler runs (guidance doubles it); a smaller batch is
-padded with copies of its first row and the output cut back (rows are independent).
+The graph is exported at the batch the sampler runs (guidance doubles it); a smaller batch
+(the calibration prompts, a last partial batch) is padded by repeating its rows cyclically, so
+that the observers weigh every real row alike, and the output is cut back (rows are
+independent: group norm and attention act within a sample).
 
 Checkpoint (`ptq.safetensors`): the converted graph is not the packed format (its scales are
 fp32, activations have zero points, the graph fixes where each quantize sits). What is stored is
@@ -72,7 +74,8 @@ class GraphDenoiser(nn.Module):
             return t
         if n > self.batch:
             raise ValueError(f"batch {n} is larger than the exported batch {self.batch}")
-        return torch.cat([t, t[:1].expand(self.batch - n, *t.shape[1:])])
+        reps = -(-self.batch // n)  # cyclic: calibration statistics keep every row's weight
+        return t.repeat(reps, *[1] * (t.dim() - 1))[: self.batch]
 
     def forward(self, x, *args):
         n = x.shape[0]
