@@ -19,6 +19,11 @@ The graph is exported at the batch the sampler runs (guidance doubles it); a sma
 that the observers weigh every real row alike, and the output is cut back (rows are
 independent: group norm and attention act within a sample).
 
+Memory: `model_bytes` of a PT2E run counts the tensors the converted graph reads (int8 weights,
+fp32 scales, int64 zero points, the FP32 tensors left); with `execution = "real"` Inductor's
+freezing also keeps prepacked copies of the weights inside the compiled code, which only
+`peak_mem_mb` sees.
+
 Checkpoint (`ptq.safetensors`): the converted graph is not the packed format (its scales are
 fp32, activations have zero points, the graph fixes where each quantize sits). What is stored is
 every tensor the converted graph holds (int8 weights, their per-channel scales and zero points,
