@@ -131,3 +131,31 @@ def test_engine_run_real_equals_simulated(tmp_path, tiny_models):
         assert m["peak_mem_mb"] > 0 and "sampling_mem_mb" in m
     assert json.loads(runs["A-real"]["config"])["execution"] == "real"
     assert "execution" not in json.loads(runs["A"]["config"])  # default: config (and hash) unchanged
+
+
+def test_sampling_memory_sees_what_the_block_allocates():
+    """peak_mem_mb / sampling_mem_mb come from the kernel's resident high-water mark, reset at
+    the start of the block: a 200 MB tensor touched inside shows up, one freed before does not."""
+    from engine.execution import Runtime
+
+    before = torch.ones(50 * 2**20, dtype=torch.float32)  # 200 MB, freed before the block
+    del before
+    runtime = Runtime(torch.device("cpu"), None)
+    with runtime.sampling() as small:
+        torch.ones(2**20)
+    with runtime.sampling() as big:
+        t = torch.ones(50 * 2**20, dtype=torch.float32)
+        del t
+    if "sampling_mem_mb" not in big:
+        pytest.skip("/proc/self/clear_refs is not writable here: peak RSS cannot be reset")
+    assert big["sampling_mem_mb"] >= 190 and small["sampling_mem_mb"] < 100
+    assert big["peak_mem_mb"] >= big["sampling_mem_mb"]
+
+
+def test_bf16_autocast_runs_the_block_in_bfloat16():
+    from engine.execution import Runtime
+
+    lin = nn.Linear(4, 4)
+    with Runtime(torch.device("cpu"), "bf16").sampling():
+        y = lin(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16
