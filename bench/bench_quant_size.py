@@ -1,11 +1,13 @@
-"""On-disk size of the digits UNet checkpoint: FP32, FP16 and packed RTN W8 / W4 / W4+attn W8.
+"""On-disk size of the digits UNet checkpoint: FP32, FP16 and packed RTN W2..W8 / W4+attn W8.
 
 Loads `models/digits-unet/unet` when it exists (or the folder given with --model), otherwise
 builds the shipped architecture with random weights (torch.manual_seed(0)); the sizes of the
 packed format do not depend on the weight values. Prints bytes and the ratio to the FP32
-checkpoint (both written with safetensors), the targets (W4 <= 0.14, W8 <= 0.26) with
-PASS/FAIL, whether `load_packed` reproduces the quantized model exactly, and the bytes of each
-file by part. Exits with status 1 if a target is missed or a round trip is not exact.
+checkpoint (both written with safetensors), the targets with PASS/FAIL, the stored bits per
+quantized weight (codes, scales and zeros: `bits_per_weight`), whether the codes take exactly
+ceil(n x bits / 8) bytes per layer (dense packing) and whether `load_packed` reproduces the
+quantized model exactly, and the bytes of each file by part. Exits with status 1 if a target
+is missed, the codes are not dense or a round trip is not exact.
 
     .venv/bin/python bench/bench_quant_size.py [--model PATH] [--threads N]
 """
@@ -23,16 +25,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.quant import RTNConfig, load_packed, quantize_, save_dense, save_packed  # noqa: E402
+from engine.quant import RTNConfig, bits_per_weight, load_packed, quantize_, save_dense, save_packed  # noqa: E402
 from engine.quant.packing import packed_breakdown  # noqa: E402
 
 DEFAULT_MODEL = REPO / "models" / "digits-unet" / "unet"
-TARGETS = {"W8": 0.26, "W4": 0.14}
-VARIANTS = {
-    "W8": {"conv": 8, "attention": 8, "linear": 8},
-    "W4": {"conv": 4, "attention": 4, "linear": 4},
-    "W4 attn W8": {"conv": 4, "attention": 8, "linear": 4},
-}
+# bits / 32 of the FP32 size, plus about 1.1% that stays (scales, biases, norms, header)
+TARGETS = {"W2": 0.075, "W3": 0.105, "W4": 0.14, "W5": 0.17, "W6": 0.20, "W7": 0.23, "W8": 0.26}
+VARIANTS = {f"W{b}": {"conv": b, "attention": b, "linear": b} for b in range(8, 1, -1)}
+VARIANTS["W4 attn W8"] = {"conv": 4, "attention": 8, "linear": 4}
 PARTS = ("header", "codes", "scales", "zeros", "biases", "other")
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     unet.eval()
     state = {k: v.clone() for k, v in unet.state_dict().items()}
     params = sum(p.numel() for p in unet.parameters())
-    rows: list[tuple[str, int, dict[str, int], bool | None]] = []
+    rows: list[tuple[str, int, dict[str, int], dict | None]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, dtype in (("FP32", torch.float32), ("FP16", torch.float16)):
             path = Path(tmp) / f"{name}.safetensors"
@@ -88,22 +88,31 @@ def main(argv: list[str] | None = None) -> int:
             report = quantize_(unet, RTNConfig(bits=dict(bits)))
             path = Path(tmp) / f"{name.replace(' ', '_')}.safetensors"
             size = save_packed(path, unet, report.packed)
-            rows.append((name, size, packed_breakdown(path), round_trip_exact(path, unet)))
+            parts = packed_breakdown(path)
+            dense = sum(-(-qt.codes.numel() * qt.bits // 8) for qt in report.packed.values())
+            checks = {"exact": round_trip_exact(path, unet), "dense": parts["codes"] == dense,
+                      "bpw": bits_per_weight(path)}
+            rows.append((name, size, parts, checks))
 
     fp32 = rows[0][1]
     ok = True
     print(f"model: {source}, {params:,} parameters\n")
-    print(f"{'variant':<11} {'bytes':>10} {'ratio':>7} {'target':>8} {'status':>6} {'exact':>6}")
-    for name, size, _, exact in rows:
+    print(f"{'variant':<11} {'bytes':>10} {'ratio':>7} {'target':>8} {'status':>6} {'bits/w':>7} "
+          f"{'dense':>6} {'exact':>6}")
+    for name, size, _, checks in rows:
         ratio = size / fp32
         target, status = "", ""
         if name in TARGETS:
             passed = ratio <= TARGETS[name]
             ok &= passed
-            target, status = f"<= {TARGETS[name]:.2f}", "PASS" if passed else "FAIL"
-        exact_text = "" if exact is None else "yes" if exact else "NO"
-        ok &= exact is not False
-        print(f"{name:<11} {size:>10,} {ratio:>7.4f} {target:>8} {status:>6} {exact_text:>6}")
+            target, status = f"<= {TARGETS[name]:.3f}", "PASS" if passed else "FAIL"
+        if checks is None:
+            bpw = dense = exact = ""
+        else:
+            ok &= checks["exact"] and checks["dense"]
+            bpw = f"{checks['bpw']:.3f}"
+            dense, exact = ("yes" if checks[k] else "NO" for k in ("dense", "exact"))
+        print(f"{name:<11} {size:>10,} {ratio:>7.4f} {target:>8} {status:>6} {bpw:>7} {dense:>6} {exact:>6}")
 
     print("\nbytes by part (other: tensors stored as-is: norms, embeddings, unquantized layers)")
     print(f"{'variant':<11} " + " ".join(f"{p:>9}" for p in PARTS) + f" {'total':>10}")

@@ -79,6 +79,11 @@ def test_sizes_are_real_bytes_on_disk(finished):
     assert a["size_ratio"] == pytest.approx(a["size_bytes"] / fp["size_bytes"])
     assert fp["size_ratio"] == 1.0 and a["size_ratio"] < 0.2
     assert a["mean_bits"] == 4.0 and fp["mean_bits"] == 32.0
+    # Real stored bits of the quantized layers: 4-bit codes plus their float16 scales.
+    from engine.quant import bits_per_weight
+
+    assert a["bits_per_weight"] == pytest.approx(bits_per_weight(checkpoint["path"]))
+    assert 4.0 < a["bits_per_weight"] < 5.0 and fp["bits_per_weight"] is None
 
 
 def test_images_come_from_the_stored_quantized_weights(finished):

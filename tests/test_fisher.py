@@ -263,6 +263,14 @@ def test_predicted_size_is_the_size_on_disk_and_budgets_are_checked_first(loaded
     plan = plan_fisher(model, params, fp32, tmp_path / "cache")
     assert PackedSize(model.denoiser, True).size(plan.bits) <= plan.max_bytes
     assert set(plan.bits.values()) <= {4, 6, 8} and len(set(plan.bits.values())) > 1
+    # 6-bit codes take 6 bits: a budget below uniform W8 can be met with W6 (when W6 took W8's
+    # bytes, no assignment of [6, 8] fitted below the W8 size).
+    sizer = PackedSize(model.denoiser, True)
+    w6, w8 = sizer.size(dict.fromkeys(names, 6)), sizer.size(dict.fromkeys(names, 8))
+    weights = sum(m.weight.numel() for _, m, _ in _layers(model))
+    assert w8 - w6 >= 0.24 * weights  # a quarter of a byte less per weight, up to padding
+    plan = plan_fisher(model, {**params, "candidates": [6, 8], "budget": (w6 + w8) / 2 / fp32}, fp32, tmp_path / "cache")
+    assert sizer.size(plan.bits) <= plan.max_bytes < w8 and set(plan.bits.values()) == {6, 8}
 
 
 def test_group_check_needs_every_layer_in_a_group():
@@ -406,9 +414,13 @@ def test_fisher_runs_store_per_layer_statistics_and_the_correlation(finished):
             assert layer["fisher"] >= 0 and layer["sensitivity"] is not None
             extra = json.loads(layer["extra"])
             assert set(extra["fisher_err"]) == {"2", "3", "4", "5", "6", "7", "8", "16", "32"}
-            assert extra["est_sensitivity"] == extra["fisher_err"]["4"]
+            assert extra["rel_est_sensitivity"] == extra["fisher_err"]["4"]
         fisher_by_variant[variant] = [layer["fisher"] for layer in layers]
-        est = [json.loads(layer["extra"])["est_sensitivity"] for layer in layers]
+        est = [json.loads(layer["extra"])["rel_est_sensitivity"] for layer in layers]
+        # Relative quantities (not losses: see engine.quant.fisher) carry a name that says so.
+        assert "est_loss_increase" not in metrics
+        chosen = sum(json.loads(l["extra"])["fisher_err"][str(l["bits"] or 32)] for l in layers)
+        assert metrics["rel_est_loss_increase"] == pytest.approx(chosen)
         assert metrics["fisher_spearman"] == pytest.approx(spearman(est, [l["sensitivity"] for l in layers]))
         curvature = [json.loads(layer["extra"])["curvature"] for layer in layers]
         assert metrics["fisher_curv_spearman"] == pytest.approx(spearman(est, curvature))

@@ -122,6 +122,53 @@ def test_hessians_equal_x_transpose_x_and_later_blocks_see_quantized_inputs(gptq
     assert 1e-4 < change < 0.5
 
 
+def test_held_out_prompts_are_disjoint_from_calibration_prompts(tiny_mmdit):
+    from engine.data.digits import prompt_for
+    from engine.quant.calibration_hessians import calibration_set, run_sampler
+    from engine.sampling import initial_noise
+
+    model = load(tiny_mmdit)
+    # Far more prompts than the 30 (digit, wording) pairs: drawn alike, they would repeat.
+    cal = calibration_set(model, {**CAL, "samples": 64, "held_out": 32})
+    assert not set(cal.prompts) & set(cal.held_out_prompts)
+    evaluation = {prompt_for(d) for d in range(10)}  # what the evaluation samples
+    assert set(cal.held_out_prompts) == evaluation and not set(cal.prompts) & evaluation
+    for prompts in (cal.prompts, cal.held_out_prompts):  # every digit, equally often (up to one)
+        counts = [sum(p.endswith((f" {w}", f" {d}")) for p in prompts) for d, w in
+                  enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))]
+        assert sum(counts) == len(prompts) and max(counts) - min(counts) <= 1
+    # The text conditioning differs: no held-out prompt encodes to a calibration prompt's states.
+    states, pooled = model.encode(cal.prompts)
+    held_states, held_pooled = model.encode(cal.held_out_prompts)
+    assert torch.cdist(held_pooled, pooled).min() > 1e-3
+    assert torch.cdist(held_states.flatten(1), states.flatten(1)).min() > 1e-3
+    # Noise: disjoint rows, and not the evaluation's noise even when the seeds are equal.
+    assert torch.cdist(cal.held_out_noise.flatten(1), cal.noise.flatten(1)).min() > 1
+    evaluation_noise = initial_noise(64, model.sample_shape, CAL["seed"])
+    assert torch.cdist(cal.noise.flatten(1), evaluation_noise.flatten(1)).min() > 1
+
+    # What a conditioning layer (block 0's adaLN: timestep and pooled prompt) sees on held-out
+    # prompts is never a calibration input, except the unconditional half of guidance (the
+    # empty prompt), which both sets and the evaluation share.
+    cal = calibration_set(model, CAL)
+    layer = dict(model.denoiser.named_modules())["transformer_blocks.0.norm1.linear"]
+
+    def rows(prompts, noise):
+        seen = []
+        handle = layer.register_forward_pre_hook(lambda m, a: seen.extend(r.numpy().tobytes() for r in a[0]))
+        try:
+            run_sampler(model, prompts, noise, CAL, SAMPLING)
+        finally:
+            handle.remove()
+        return seen
+
+    calibration, held_out = set(rows(cal.prompts, cal.noise)), rows(cal.held_out_prompts, cal.held_out_noise)
+    unconditional = set(rows([""] * 2, cal.noise[:2]))
+    repeated = [r for r in held_out if r in calibration]
+    assert repeated and set(repeated) <= unconditional
+    assert len(repeated) == len(held_out) // 2  # the unconditional half exactly
+
+
 def test_gptq_beats_rtn_on_nearly_every_layer(gptq_run):
     result, _, _ = gptq_run
     quantized = [l for l in result.layers if l["bits"] is not None]

@@ -496,7 +496,7 @@ def test_packed_size_relative_to_dense(tmp_path) -> None:
         assert size / fp32 < limit, (bits, size / fp32)
 
 
-@pytest.mark.parametrize(("bits", "limit"), [(4, 0.14), (8, 0.26)])
+@pytest.mark.parametrize(("bits", "limit"), [(3, 0.105), (4, 0.14), (6, 0.20), (8, 0.26)])  # bench_quant_size
 def test_shipped_unet_packed_size(tmp_path, shipped_unet, bits: int, limit: float) -> None:
     fp32 = save_dense(tmp_path / "fp32.safetensors", shipped_unet, torch.float32)
     model = _copy(shipped_unet)

@@ -5,9 +5,25 @@
   the loss against the true target (noise, or velocity for rectified flow) at timesteps across
   the whole schedule. Per-sample gradients come from `torch.func` (vmap of grad) in chunks.
 - Per layer: its Fisher value (the mean of its elements' Fisher) and, for each precision, the
-  Fisher-weighted quantization error 1/2 sum_i F_i (w_i - q(w_i))^2: the second-order estimate
-  of the loss increase that storing that layer at that precision costs. The per-element Fisher
-  is dropped once these are computed.
+  Fisher-weighted quantization error 1/2 sum_i F_i (w_i - q(w_i))^2, which ranks what storing
+  that layer at that precision costs. The per-element Fisher is dropped once these are
+  computed.
+- The Fisher-weighted error is a relative quantity, proportional to the loss increase it
+  predicts, not that increase: the empirical Fisher of this loss is not its Hessian. The loss
+  of a sample is l_n = 1/D ||f_n(w) - y_n||^2, the mean over its D output elements; with
+  residual r_n = f_n - y_n and output Jacobian J_n, its gradient is g_n = 2/D J_n^T r_n and its
+  (Gauss-Newton) Hessian 2/D J_n^T J_n. The Fisher here is 1/N sum_n g_n g_n^T (each sample's
+  gradient of its own loss; the Hessian of the calibration loss, a mean over samples, is the
+  mean of the samples' Hessians, so no batch-size factor enters). The per-element mean puts
+  1/D into the Fisher squared but into the Hessian once, and the residual enters the Fisher
+  only: if it were white noise of variance L per element (L the loss), F = (2 L / D) H. That
+  factor D / (2 L) is not a usable correction either: the residuals of a denoiser are
+  correlated across pixels, and on digits-unet (D = 256, L = 0.045, W4) the measured
+  curvature is 117-587x (10th-90th percentile over layers, median 263x) the Fisher-weighted
+  error, while D / (2 L) = 2870 overshoots it 11x. Stored and shown as relative quantities
+  (`rel_est_sensitivity` per layer, `rel_est_loss_increase` per run): comparable between the
+  layers, precisions and plans of one model and calibration set, and what the strategies
+  rank; `fisher_spearman` checks their order against the measurement.
 - Measured sensitivity: the increase of the calibration loss when one layer alone is quantized,
   and the same with its first-order term cancelled (see `measured_sensitivity`).
 - Spearman rank correlation, to compare the estimate with the measurement.

@@ -120,13 +120,16 @@ def _two_level(params: dict, stats: FisherStats, names: list[str], low: int) -> 
 
 def _layer_info(params: dict, stats: FisherStats, measured: Sensitivity | None, names: list[str],
                 low: int) -> dict[str, dict]:
-    """Per layer: the `fisher` and `sensitivity` columns and the `extra` JSON."""
+    """Per layer: the `fisher` and `sensitivity` columns and the `extra` JSON. `fisher_err` (per
+    precision) and `rel_est_sensitivity` (at `low`) are Fisher-weighted errors: relative
+    quantities, proportional to the loss increase they estimate, not on the scale of the
+    measured `sensitivity` (see `engine.quant.fisher`)."""
     symmetric, strategy = params["symmetric"], params["strategy"]
     estimate = stats.error(low, symmetric)
     info = {}
     for i, name in enumerate(names):
         extra = {"fisher_err": {str(b): float(stats.error(b, symmetric)[i]) for b in _ALL_PRECISIONS},
-                 "est_sensitivity": float(estimate[i])}
+                 "rel_est_sensitivity": float(estimate[i])}
         if strategy != "budget":
             extra["score"] = float(_scores(params, stats, low)[i])
         if strategy == "groups":
@@ -156,7 +159,8 @@ def _metrics(params: dict, stats: FisherStats, measured: Sensitivity | None, sha
         **correlations,
         "high_fraction": float(sizes[above].sum() / sizes.sum()),
         "high_layers": float(above.sum()),
-        "est_loss_increase": float(sum(stats.error(b, symmetric)[i] for i, b in enumerate(bits))),
+        # relative, not a loss: proportional to the estimated increase (see engine.quant.fisher)
+        "rel_est_loss_increase": float(sum(stats.error(b, symmetric)[i] for i, b in enumerate(bits))),
         "calib_loss": stats.loss,
         "fisher_s": stats.seconds,
     }
