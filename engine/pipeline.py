@@ -51,6 +51,7 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
     else:
         path = folder / CHECKPOINT_FILE
         size = store_and_reload(model.denoiser, result.packed, result.half, path)
+        metrics["bits_per_weight"] = bits_per_weight(path)
         if result.max_bytes is not None and size > result.max_bytes:
             raise RuntimeError(f"{path}: {size} bytes exceed the budget of {result.max_bytes}")
         store.add_artifact(run_id, "checkpoint", path)
@@ -58,8 +59,6 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
         store.add_artifact(run_id, kind, path)
     metrics.update(size_bytes=size, size_ratio=size / fp32_bytes, mean_bits=mean_bits(result.layers),
                    quantize_s=time.time() - start)
-    if result.packed is not None:
-        metrics["bits_per_weight"] = bits_per_weight(folder / CHECKPOINT_FILE)
     metrics.update(result.metrics)  # e.g. calibration_s, and quantize_s without the calibration
     store.put_layers(run_id, result.layers)
     reporter.progress("quantize", 1, 1)
