@@ -48,6 +48,7 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
         store.add_artifact(run_id, "checkpoint", result.checkpoint)
     elif result.packed is None:
         size = fp32_bytes
+        metrics["bits_per_weight"] = None  # nothing is packed
     else:
         path = folder / CHECKPOINT_FILE
         size = store_and_reload(model.denoiser, result.packed, result.half, path)
