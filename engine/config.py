@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import ConfigError, UserError
+from engine.execution_keys import validate_execution
 from engine.methods import BadKey, check_against_model, validate_method
 from engine.models.pipeline_index import PipelineError, check_side, inspect_pipeline
 from engine.models.registry import INDEX_FILE, SHIPPED_DIR, ModelNotFound, resolve_model
@@ -62,7 +63,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCHEDULER_RE = re.compile(r"^[A-Z][A-Za-z0-9]*Scheduler$")
 DIGITS_KINDS = ("QtuiDigitsPipeline", "QtuiDigitsMMDiTPipeline")  # engine.models.loader's digits kinds
 DIGITS_CLIP = "digits-clip"
-VARIANT_KEYS = ("description", "method")
+VARIANT_KEYS = ("description", "method", "execution", "autocast")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -72,6 +73,8 @@ class Variant:
     description: str
     method: str
     params: dict
+    execution: str = "simulated"  # engine.execution_keys
+    autocast: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ class Experiment:
             feature_model=ModelRef(self.feature_model, str(self.feature_model_path)),
             method=v.method,
             params=v.params,
+            execution=v.execution,
+            autocast=v.autocast,
             sampling=SamplingConfig(
                 samples=samples if samples is not None else self.samples,
                 steps=self.steps,
@@ -488,9 +493,11 @@ class _Reader:
         try:
             params = validate_method(method, keys)
             check_against_model(method, params, lambda: self.model_tensors(model_path) if model_path else None)
+            execution, autocast = validate_execution(method, params, raw.get("execution"), raw.get("autocast"))
         except BadKey as exc:
             self.fail(table, exc.key, exc.message)
-        return Variant(name=name, description=description, method=method, params=params)
+        return Variant(name=name, description=description, method=method, params=params,
+                       execution=execution, autocast=autocast)
 
 
 def _model_kind(path: Path) -> str | None:

@@ -47,17 +47,27 @@ COLUMNS = [
     ("reduction_pct", "reduction %", "{:.1f}"),
     ("latency_ms", "ms/image", "{:.2f}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"),
+    ("model_mb", "model MB", "{:.2f}"),  # the denoiser's parameters and buffers as held while sampling
+    ("sampling_mem_mb", "sampling MB", "{:.0f}"),
     ("mean_bits", "mean bits", "{:.2f}"),
     ("fisher_spearman", "Spearman", "{:.2f}"),  # method fisher: estimated vs measured sensitivity
     ("fisher_curv_spearman", "Spearman 2-sided", "{:.2f}"),  # ... first-order term cancelled
     ("calibration_s", "calib s", "{:.1f}"),
     ("quantize_s", "quant s", "{:.1f}"),
+    ("compile_s", "compile s", "{:.1f}"),
+    ("finetune_s", "finetune s", "{:.1f}"),
 ]
 
 
 PAIRED_KEYS = [f"d_{m}{s}" for m in ("fid", "prompt_acc", "clip_score") for s in ("", "_ci_low", "_ci_high")]
 TEXT_KEYS = ("experiment", "variant", "status", "bits", "protocol", "seeds", "fid_ci", "clip_ci", "verdict",
              "d_fid_text", "d_prompt_acc_text", "d_clip_score_text")
+
+
+def execution_label(config: dict) -> str:
+    """' real' / ' bf16 autocast' after the bits label for runs that set execution keys."""
+    label = " real" if config.get("execution") == "real" else ""
+    return label + (f" {config['autocast']} autocast" if config.get("autocast") else "")
 
 
 def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] | None = None) -> list[dict]:
@@ -86,7 +96,7 @@ def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] 
                 "experiment": r["experiment"],
                 "variant": r["variant"],
                 "status": r["status"],
-                "bits": describe_bits(config.get("method", "none"), config.get("params", {})),
+                "bits": describe_bits(config.get("method", "none"), config.get("params", {})) + execution_label(config),
                 "fid": r.get("fid"),
                 "fid_ci_low": low,
                 "fid_ci_high": high,
@@ -101,11 +111,15 @@ def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] 
                 "reduction_pct": (1 - ratio) * 100 if ratio is not None else None,
                 "latency_ms": r.get("latency_ms"),
                 "peak_mem_mb": r.get("peak_mem_mb"),
+                "model_mb": r["model_bytes"] / 2**20 if r.get("model_bytes") is not None else None,
+                "sampling_mem_mb": r.get("sampling_mem_mb"),
                 "mean_bits": r.get("mean_bits"),
                 "fisher_spearman": r.get("fisher_spearman"),
                 "fisher_curv_spearman": r.get("fisher_curv_spearman"),
                 "calibration_s": r.get("calibration_s"),
                 "quantize_s": r.get("quantize_s"),
+                "compile_s": r.get("compile_s"),
+                "finetune_s": r.get("finetune_s"),
                 "fid_floor": r.get("fid_floor"),
                 "error": r.get("error"),
             }

@@ -8,7 +8,6 @@ every number describes the stored quantized model, never the unquantized one.
 from __future__ import annotations
 
 import json
-import resource
 import time
 
 import torch
@@ -17,7 +16,8 @@ from engine.evaluate import EVAL_FILE, Evaluator
 from engine.grids import SAMPLES_FILE, comparison_grid, comparison_path, run_grid, save_samples, to_uint8
 from engine.paired_runs import update_paired
 from engine.models.loader import load_text_to_image
-from engine.methods import QuantContext, quantize_model
+from engine.execution import prepare_execution
+from engine.methods import QuantContext, QuantResult, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
 from engine.quant.packing import bits_per_weight
 from engine.run_config import RunConfig
@@ -28,20 +28,14 @@ from engine.store import Store
 CHECKPOINT_FILE = "weights.safetensors"
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def mean_bits(layers: list[dict]) -> float:
     total = sum(layer["params"] for layer in layers)
     return sum(layer["params"] * (layer["bits"] or 32) for layer in layers) / max(total, 1)
 
 
-def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -> tuple[list[dict], dict]:
+def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -> tuple[QuantResult, dict]:
     """Quantize with the run's method, store the packed checkpoint and load it back (so every
-    later number comes from the stored file). Returns (layers, metrics)."""
+    later number comes from the stored file). Returns (the method's result, metrics)."""
     folder = store.run_folder(run_id)
     fp32_bytes = dense_bytes(model.denoiser, torch.float32)
     metrics = {"size_fp32_bytes": fp32_bytes, "size_fp16_bytes": dense_bytes(model.denoiser, torch.float16)}
@@ -50,8 +44,11 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
     ctx = QuantContext(model=model, run=run, folder=folder, cache_dir=store.runs_dir / "cache",
                        fp32_bytes=fp32_bytes, progress=reporter.progress)
     result = quantize_model(ctx)
-    if result.packed is None:
-        size, metrics["bits_per_weight"] = fp32_bytes, None
+    if result.checkpoint is not None:  # a method's own format (PTQ's int8 graph tensors)
+        size = result.checkpoint.stat().st_size
+        store.add_artifact(run_id, "checkpoint", result.checkpoint)
+    elif result.packed is None:
+        size, metrics["bits_per_weight"] = fp32_bytes, None  # nothing is packed
     else:
         path = folder / CHECKPOINT_FILE
         size = store_and_reload(model.denoiser, result.packed, result.half, path)
@@ -66,7 +63,7 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
     metrics.update(result.metrics)  # e.g. calibration_s, and quantize_s without the calibration
     store.put_layers(run_id, result.layers)
     reporter.progress("quantize", 1, 1)
-    return result.layers, metrics
+    return result, metrics
 
 
 def execute(store: Store, run_id: int, config: dict, reporter) -> None:
@@ -84,23 +81,25 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
     evaluator = Evaluator.from_config(config, model.device, store.runs_dir / "cache")
     reporter.progress("load", 2, 2)
 
-    layers, metrics = quantize_stage(store, run_id, run, model, reporter)
+    result, metrics = quantize_stage(store, run_id, run, model, reporter)
+    checkpoint = folder / CHECKPOINT_FILE if result.packed is not None else None
+    runtime = prepare_execution(model, run, result, checkpoint, reporter.progress)
+    metrics.update(runtime.metrics)  # model_bytes, compile_s
 
     noise = InitialLatents(n, model.sample_shape, sampling.seed)
     start = time.time()
-    images = sample_images(
-        model, prompts, noise, sampling.steps, sampling.guidance, sampling.batch_size,
-        on_progress=lambda done, total: reporter.progress("sampling", done, total),
-        negative_prompt=sampling.negative_prompt,
-    )
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+    with runtime.sampling() as memory:
+        images = sample_images(
+            model, prompts, noise, sampling.steps, sampling.guidance, sampling.batch_size,
+            on_progress=lambda done, total: reporter.progress("sampling", done, total),
+            negative_prompt=sampling.negative_prompt,
+        )
     latency_ms = (time.time() - start) * 1000 / n
 
     reporter.progress("metrics", 0, 1, "FID, prompt accuracy, CLIP score")
     metrics.update(evaluator.evaluate(images, prompts, labels, folder, run.eval.bootstrap, sampling.seed))
     store.add_artifact(run_id, "eval", folder / EVAL_FILE)
-    metrics.update(latency_ms=latency_ms, peak_mem_mb=peak_memory_mb(model.device))
+    metrics.update(latency_ms=latency_ms, **memory)  # peak_mem_mb: engine.execution
     reporter.progress("metrics", 1, 1)
 
     reporter.progress("save", 0, 1, "grids")

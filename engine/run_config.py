@@ -69,6 +69,8 @@ class RunConfig:
     reference: str | None = later(None)  # FID reference statistics (.npz or image folder); None: the digits
     clip: dict | None = later(None)  # {"model": "local-dir:<folder>" or an open_clip name, "weights": file}
     reference_variant: str = later("fp")  # the variant paired differences compare with (not the protocol)
+    execution: str = later("simulated")  # or "real": quantized layers keep their codes (engine.execution)
+    autocast: str | None = later(None)  # "bf16" / "fp16": sample under torch.autocast
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

@@ -332,7 +332,8 @@ def quantize_and_sample(tmp_path, toml, experiment, variant):
     run_id = store.create_run(experiment, variant, config, "h")
     store.run_folder(run_id).mkdir(parents=True, exist_ok=True)
     model = load(run.model.path, **{k: getattr(run.model_options, k) for k in ("drop_t5", "height", "width")})
-    layers, metrics = quantize_stage(store, run_id, run, model, Quiet())
+    result, metrics = quantize_stage(store, run_id, run, model, Quiet())
+    layers = result.layers
     prompts, labels = model.eval_prompts(run.sampling.samples, sampling_prompts(run.sampling))
     assert labels is None and prompts[2] == prompts[0]  # cycling through the prompts in order
     images = sample_images(model, prompts, InitialLatents(len(prompts), model.sample_shape, run.sampling.seed),

@@ -16,7 +16,7 @@ from typing import Callable
 from engine.methods.base import BadKey, MethodSpec, QuantContext, QuantResult
 from engine.methods.keys import ROLES
 
-METHOD_MODULES = ("none", "rtn", "gptq", "fisher", "dgq", "minmax")
+METHOD_MODULES = ("none", "rtn", "gptq", "fisher", "dgq", "minmax", "qat", "ptq")
 
 
 def _load() -> dict[str, MethodSpec]:

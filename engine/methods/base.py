@@ -60,6 +60,11 @@ class QuantResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, Path] = field(default_factory=dict)  # kind -> file in the run folder
     max_bytes: int | None = None  # a size limit the stored checkpoint must meet
+    # A method whose quantized model is not the packed format (PTQ's int8 graph) stores its own
+    # checkpoint (already written and checked against the model) and hands over the executable
+    # model: `runtime.executable(execution) -> (module, metrics)` (engine.execution).
+    checkpoint: Path | None = None
+    runtime: Any = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,235 @@
+"""Static W8A8 post-training quantization with torchao's PT2E flow on the X86 back end.
+
+    torch.export (at the sampling batch)  ->  prepare_pt2e(X86InductorQuantizer)
+    ->  calibrate: the experiment's sampler on seeded calibration prompts over every step of a
+        `steps`-step schedule (the calibration set GPTQ uses, engine.quant.calibration_hessians)
+    ->  convert_pt2e  ->  (execution = "real") torch.compile with Inductor freezing, which lowers
+        the quantize / dequantize patterns around each convolution and Linear to oneDNN int8
+        kernels; (execution = "simulated") the converted graph as is: the same int8 rounding done
+        by reference quantize / dequantize ops in FP32.
+
+X86InductorQuantizer's default config: weights int8 symmetric per output channel (one fp32
+scale per channel), activations uint8 affine per tensor from a histogram observer. Every
+Conv2d and Linear is covered, so the deprecated eager torch.ao.quantization API is not used.
+Attention's matrix products (scaled_dot_product_attention), norms and the timestep embedding
+stay in FP32: the quantizer does not annotate them.
+
+The graph is exported at the batch the sampler runs (guidance doubles it); a smaller batch
+(the calibration prompts, a last partial batch) is padded by repeating its rows cyclically, so
+that the observers weigh every real row alike, and the output is cut back (rows are
+independent: group norm and attention act within a sample).
+
+Memory: `model_bytes` of a PT2E run counts the tensors the converted graph reads (int8 weights,
+fp32 scales, int64 zero points, the FP32 tensors left); with `execution = "real"` Inductor's
+freezing also keeps prepacked copies of the weights inside the compiled code, which only
+`peak_mem_mb` sees.
+
+Checkpoint (`ptq.safetensors`): the converted graph is not the packed format (its scales are
+fp32, activations have zero points, the graph fixes where each quantize sits). What is stored is
+every tensor the converted graph holds (int8 weights, their per-channel scales and zero points,
+the FP32 parameters it kept), with the activation quantization parameters of every quantize node
+in the metadata; the graph's code is the run artifact `ptq_graph.txt`. It is written, read back and compared tensor by tensor with
+the graph that is then evaluated; re-exporting the same model and setting these values rebuilds
+the same graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+from torch import nn
+
+CHECKPOINT_FILE = "ptq.safetensors"
+GRAPH_FILE = "ptq_graph.txt"  # the converted graph's code (a run artifact, not executed)
+META_KEY = "qtui_ptq"
+
+
+class _Call(nn.Module):
+    """The denoiser called as sampling calls it, returning a plain tensor (exportable)."""
+
+    def __init__(self, denoiser: nn.Module, flow: bool):
+        super().__init__()
+        self.denoiser, self.flow = denoiser, flow
+
+    def forward(self, x, a, b, c=None):
+        if self.flow:  # (x, states, pooled, t)
+            return self.denoiser(x, a, b, c, return_dict=False)[0]
+        return self.denoiser(x, a, b, return_dict=False)[0]  # (x, t, states)
+
+
+class GraphDenoiser(nn.Module):
+    """A fixed-batch graph behind the denoiser's calling convention (`.sample`, `.config`)."""
+
+    def __init__(self, graph: nn.Module, config, flow: bool, batch: int):
+        super().__init__()
+        self.graph, self.config, self.flow, self.batch = graph, config, flow, batch
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def _pad(self, t, n: int):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n or n == self.batch:
+            return t
+        if n > self.batch:
+            raise ValueError(f"batch {n} is larger than the exported batch {self.batch}")
+        reps = -(-self.batch // n)  # cyclic: calibration statistics keep every row's weight
+        return t.repeat(reps, *[1] * (t.dim() - 1))[: self.batch]
+
+    def forward(self, x, *args):
+        n = x.shape[0]
+        out = self.graph(*(self._pad(t, n) for t in (x, *args)))
+        return SimpleNamespace(sample=out[:n])
+
+
+def example_inputs(model, batch: int) -> tuple:
+    x = torch.randn((batch, *model.sample_shape), device=model.device)
+    states, pooled = model.encode(["a handwritten digit zero"] * batch)
+    if model.is_flow:
+        return (x, states, pooled, torch.full((batch,), 500.0, device=model.device))
+    return (x, torch.tensor(500, device=model.device), states)
+
+
+def export_batch(sampling: dict) -> int:
+    return sampling["batch_size"] * (2 if sampling["guidance"] != 1.0 else 1)
+
+
+def _attr(gm: nn.Module, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def graph_tensors(gm: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the graph reads (get_attr): int8 weights, scales, zero points, FP tensors."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = _attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                out.setdefault(node.target, value)
+    return out
+
+
+def drop_unused(gm: nn.Module) -> None:
+    """Delete the parameters and buffers the converted graph no longer reads (the FP32 weights
+    that convert_pt2e replaced by folded int8 constants), so memory holds only what runs."""
+    used = set(graph_tensors(gm))
+    for name in [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]:
+        if name not in used:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = _attr(gm, owner_name) if owner_name else gm
+            if leaf in owner._parameters:
+                del owner._parameters[leaf]
+            elif leaf in owner._buffers:
+                del owner._buffers[leaf]
+
+
+def graph_bytes(gm: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in graph_tensors(gm).values():
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def activation_qparams(gm: nn.Module) -> list[list]:
+    """(node, scale, zero point) of every per-tensor quantize of an activation."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "quantize_per_tensor" in str(node.target) and "dequantize" not in str(node.target):
+            scale, zero = node.args[1], node.args[2]
+            if isinstance(scale, (int, float)):
+                out.append([node.name, float(scale), int(zero)])
+    return out
+
+
+def int8_layers(gm: nn.Module) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and "dequantize_per_channel" in str(n.target))
+
+
+def save_checkpoint(gm: nn.Module, path: Path) -> int:
+    """Write the converted graph's tensors and activation parameters; read back; check equal."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in graph_tensors(gm).items()}
+    meta = {"activations": activation_qparams(gm), "int8_layers": int8_layers(gm)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    tmp.replace(path)
+    loaded = load_file(str(path))
+    for key, value in tensors.items():
+        if not torch.equal(loaded[key], value) or loaded[key].dtype != value.dtype:
+            raise RuntimeError(f"{path}: {key} does not read back as the evaluated graph's tensor")
+    return os.path.getsize(path)
+
+
+class PT2ERuntime:
+    """What the execution stage runs: the converted graph, compiled for real int8 kernels or not."""
+
+    def __init__(self, converted: nn.Module, config, flow: bool, batch: int, example: tuple):
+        self.converted, self.config, self.flow, self.batch, self.example = converted, config, flow, batch, example
+
+    def executable(self, execution: str) -> tuple[nn.Module, dict]:
+        metrics = {"model_bytes_graph": float(graph_bytes(self.converted))}
+        graph = self.converted
+        start = time.time()
+        if execution == "real":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True  # constant weights: int8 prepacking and q/dq fusion
+            graph = torch.compile(self.converted)
+            with torch.no_grad():
+                graph(*self.example)  # compiles
+        metrics["compile_s"] = time.time() - start
+        return GraphDenoiser(graph, self.config, self.flow, self.batch), metrics
+
+
+def quantize_pt2e(model, cfg: dict, sampling: dict, folder: Path,
+                  progress: Callable[..., None] | None = None) -> tuple[PT2ERuntime, dict, Path]:
+    """Export, prepare, calibrate and convert `model.denoiser`; returns the runtime, metrics and
+    the checkpoint path. `model.denoiser` is left as it was (full precision)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from engine.quant.calibration_hessians import calibration_set, run_sampler
+
+    denoiser, flow = model.denoiser, model.is_flow
+    batch = export_batch(sampling)
+    report = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda s: None)
+    start = time.time()
+    with torch.no_grad():
+        example = example_inputs(model, batch)
+        exported = torch.export.export(_Call(denoiser, flow).eval(), example)
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    export_s = time.time() - start
+
+    start = time.time()
+    cal = calibration_set(model, cfg)
+    model.denoiser = GraphDenoiser(prepared, denoiser.config, flow, batch)
+    try:
+        run_sampler(model, cal.prompts, cal.noise, cfg, sampling, report("calibrate"))
+    finally:
+        model.denoiser = denoiser
+    calibration_s = time.time() - start
+
+    start = time.time()
+    converted = convert_pt2e(prepared)
+    drop_unused(converted)
+    path = Path(folder) / CHECKPOINT_FILE
+    save_checkpoint(converted, path)
+    (Path(folder) / GRAPH_FILE).write_text(converted.code)
+    metrics = {"export_s": export_s, "calibration_s": calibration_s, "quantize_s": time.time() - start,
+               "ptq_int8_layers": float(int8_layers(converted))}
+    return PT2ERuntime(converted, denoiser.config, flow, batch, example), metrics, path
