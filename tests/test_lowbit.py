@@ -26,7 +26,7 @@ def _tiny_unet(tiny_models):
 def _inputs(model, n=4):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((n, *model.sample_shape), generator=gen)
-    states = model.encode(["a handwritten digit seven"] * n)[0]
+    states = model.encode(["a handwritten digit seven"] * n).states
     return x, torch.tensor(400), states
 
 

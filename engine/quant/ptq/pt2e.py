@@ -90,7 +90,8 @@ class GraphDenoiser(nn.Module):
 
 def example_inputs(model, batch: int) -> tuple:
     x = torch.randn((batch, *model.sample_shape), device=model.device)
-    states, pooled = model.encode(["a handwritten digit zero"] * batch)
+    cond = model.encode(["a handwritten digit zero"] * batch)
+    states, pooled = cond.states, cond.pooled
     if model.is_flow:
         return (x, states, pooled, torch.full((batch,), 500.0, device=model.device))
     return (x, torch.tensor(500, device=model.device), states)
