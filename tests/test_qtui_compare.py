@@ -11,7 +11,7 @@ from engine.store import Store
 from qtui.app import QtuiApp
 from qtui.components.compare_screen import CompareScreen
 from qtui.components.heatmap import Heatmap
-from qtui.components.plot_screen import PlotScreen
+from qtui.components.plot_screen import PlotScreen, PlotView
 from qtui.components.sample_view import SampleView
 from qtui.plot_data import Point, pareto_front, protocol_message
 from qtui_helpers import add_run, config_for, fake_layers, fill_demo, metrics_for, write_catalogue, write_eval
@@ -57,7 +57,7 @@ def screen_text(widget) -> str:
     from rich.console import Console
 
     console = Console(width=200, record=True, file=open("/dev/null", "w"))
-    content = widget.content
+    content = widget.text() if isinstance(widget, PlotView) else widget.content
     console.print(content if not isinstance(content, str) else content)
     return console.export_text()
 

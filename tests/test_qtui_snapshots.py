@@ -108,3 +108,32 @@ def test_bad_catalogue_modal(snap_compare, demo, tmp_path):
         await until(pilot, lambda: pilot.app.loaded and pilot.app.experiments_tree.error)
 
     assert snap_compare(app(), terminal_size=(80, 24), run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_compare_screen(snap_compare, demo, size):
+    async def run_before(pilot):
+        from qtui.components.compare_screen import CompareScreen
+
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(demo["w4"])
+        await pilot.press("C")
+        screen = lambda: pilot.app.screen  # noqa: E731
+        await until(pilot, lambda: isinstance(screen(), CompareScreen) and screen().paired is not None
+                    and screen().query(Heatmap) and all(v.image for v in screen().query(SampleView))
+                    and screen().query(SampleView))
+
+    assert snap_compare(app(), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_plot_screen(snap_compare, demo, size):
+    async def run_before(pilot):
+        from qtui.components.plot_screen import PlotScreen
+
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(demo["w4"])
+        await pilot.press("p")
+        await until(pilot, lambda: isinstance(pilot.app.screen, PlotScreen) and pilot.app.screen.points)
+
+    assert snap_compare(app(), terminal_size=size, run_before=run_before)

@@ -20,6 +20,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Static
 
 from qtui.components.key_footer import KeyFooter
@@ -43,23 +44,27 @@ def render(width: int, height: int, title: str, xlabel: str, ylabel: str, points
     """One scatter plot (front joined by a line) as Rich text of width x height cells."""
     import plotext
 
+    plotext.terminal.limit(False, False)  # the widget's size, not the terminal's, bounds the plot
     fig = plotext.figure
     fig.clear()
     fig.plot_size(max(20, width), max(8, height))
     fig.theme("dark")
     fig.legend(active=False)
+    if len(front) > 1:
+        fig.draw(fig.signal([p.x for p in front], [p.y for p in front], marker="dot").lines())
     if points:
         fig.draw(fig.signal([p.x for p in points], [p.y for p in points], marker="●"))
-    if len(front) > 1:
-        fig.draw(fig.signal([p.x for p in front], [p.y for p in front], marker="x").lines())
+    if front:
+        fig.draw(fig.signal([p.x for p in front], [p.y for p in front], marker="◆"))
     if labels and points:
         # labels right of their point, or left of it in the right half (so they stay on the plot)
         low, high = min(p.x for p in points), max(p.x for p in points)
         middle = (low * high) ** 0.5 if log and low > 0 else (low + high) / 2
+        step = 1.5 * (high - low) / max(1, width - 12)  # about one cell: the label beside its marker
         for p in points:
-            right = p.x > middle
-            fig.draw(fig.text(p.x, p.y, f"{p.label} " if right else f" {p.label}",
-                              alignment="right" if right else "left"))
+            right = p.x > middle and not log
+            x = p.x if log else (p.x - step if right else p.x + step)
+            fig.draw(fig.text(x, p.y, p.label, alignment="right" if right else "left"))
     if log:
         fig.ruler("x").scale("log")
         fig.ruler("y").scale("log")
@@ -67,6 +72,32 @@ def render(width: int, height: int, title: str, xlabel: str, ylabel: str, points
     fig.label(xlabel, "x")
     fig.label(ylabel, "y")
     return Text.from_ansi(fig.build().string())
+
+
+class PlotView(Widget):
+    """A plot drawn at the widget's own size whenever it is rendered (so resizes just work)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spec: tuple | None = None  # render()'s arguments after width and height
+        self.message: Text | None = None
+
+    def show(self, *spec) -> None:
+        self.spec, self.message = spec, None
+        self.refresh()
+
+    def say(self, message: Text) -> None:
+        self.spec, self.message = None, message
+        self.refresh()
+
+    def text(self) -> Text:
+        if self.spec is None:
+            return self.message or Text("")
+        width, height = self.content_size.width, self.content_size.height
+        return render(width, height, *self.spec)
+
+    def render(self) -> Text:
+        return self.text()
 
 
 class PlotScreen(Screen[None]):
@@ -93,15 +124,12 @@ class PlotScreen(Screen[None]):
         self.sub_title = self.experiment
         with Vertical(id="plot-box"):
             yield Static("", id="plot-title")
-            yield Static("", id="plot")
+            yield PlotView(id="plot")
             yield Static("", id="plot-note")
         yield KeyFooter(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self.redraw()
-
-    def on_resize(self) -> None:
-        self.call_after_refresh(self.redraw)
 
     def qualities(self) -> list[str]:
         return [q for q in QUALITY if any(r.metric(q) is not None for r in self.runs)] or ["fid"]
@@ -142,16 +170,13 @@ class PlotScreen(Screen[None]):
         self.redraw()
 
     def redraw(self) -> None:
-        plot = self.query_one("#plot", Static)
-        width, height = plot.content_size.width, plot.content_size.height
-        if width <= 0 or height <= 0:
-            return
+        plot = self.query_one("#plot", PlotView)
         if self.mode == "fisher":
-            self._draw_fisher(plot, width, height)
+            self._draw_fisher(plot)
         else:
-            self._draw_pareto(plot, width, height)
+            self._draw_pareto(plot)
 
-    def _draw_pareto(self, plot: Static, width: int, height: int) -> None:
+    def _draw_pareto(self, plot: PlotView) -> None:
         runs = [r for r in self.runs if r.protocol == self.protocol]
         label, lower = QUALITY[self.quality]
         self.points = pareto_points(runs, self.quality, self.size_axis)
@@ -162,23 +187,23 @@ class PlotScreen(Screen[None]):
                      + (f"; {others} of other protocols left out" if others else "") + ")", style="dim")
         self.query_one("#plot-title", Static).update(title)
         if not self.points:
-            plot.update(Text(f"no done run has both {self.quality} and {self.size_axis}", style="yellow"))
+            plot.say(Text(f"no done run has both {self.quality} and {self.size_axis}", style="yellow"))
         else:
-            plot.update(render(width, height, "", SIZES[self.size_axis], label, self.points, self.front))
-        note = Text("Pareto front (x, joined): ", style="bold")
+            plot.show("", SIZES[self.size_axis], label, self.points, self.front)
+        note = Text("Pareto front (◆, joined): ", style="bold")
         note.append(", ".join(p.label for p in self.front) or "—")
         better = "lower" if lower else "higher"
         note.append(f"  · {better} {label} and smaller size is better · m metric · b size axis · f Fisher",
                     style="dim")
         self.query_one("#plot-note", Static).update(note)
 
-    def _draw_fisher(self, plot: Static, width: int, height: int) -> None:
+    def _draw_fisher(self, plot: PlotView) -> None:
         title = self.query_one("#plot-title", Static)
         note = self.query_one("#plot-note", Static)
         if self.fisher is None:
             title.update(Text(f"{self.experiment}: Fisher against measured sensitivity", style="bold"))
-            plot.update(Text(f"{self.experiment} has no run with fisher_spearman (a Fisher-allocated run)",
-                             style="yellow"))
+            plot.say(Text(f"{self.experiment} has no run with fisher_spearman (a Fisher-allocated run)",
+                          style="yellow"))
             note.update(Text("f back to the Pareto plot", style="dim"))
             return
         run = self.fisher
@@ -186,13 +211,12 @@ class PlotScreen(Screen[None]):
         title.update(Text(f"Fisher against measured sensitivity per layer: #{run.id} {run.variant}"
                           f"  (Spearman {rho:.3f})", style="bold"))
         if self.fisher_layers is None:
-            plot.update(Text("reading layers…", style="dim"))
+            plot.say(Text("reading layers…", style="dim"))
             return
         points = fisher_points(self.fisher_layers)
         if not points:
-            plot.update(Text(f"run #{run.id} has no layer with both Fisher and sensitivity", style="yellow"))
+            plot.say(Text(f"run #{run.id} has no layer with both Fisher and sensitivity", style="yellow"))
         else:
-            plot.update(render(width, height, "", "Fisher information (log)", "sensitivity (log)", points, [],
-                               log=True, labels=False))
+            plot.show("", "Fisher information (log)", "sensitivity (log)", points, [], True, False)
         note.update(Text(f"{len(points)} layers · Spearman rank correlation {rho:.3f} · f Pareto plot",
                          style="dim"))
