@@ -8,7 +8,7 @@ import time
 import pytest
 
 from engine.store import Store
-from qtui.app import QtuiApp
+from qtui.app import MAIN_SCREEN_ACTIONS, QtuiApp
 from qtui.components.compare_screen import CompareScreen
 from qtui.components.heatmap import Heatmap
 from qtui.components.plot_screen import PlotScreen, PlotView
@@ -219,3 +219,19 @@ async def test_fisher_against_sensitivity_with_spearman(demo, tmp_path):
         with_both = sum(1 for layer in layers if layer["fisher"] and layer["sensitivity"])
         assert f"{with_both} layers" in screen_text(screen.query_one("#plot-note"))
         assert "Fisher information (log)" in screen_text(screen.query_one("#plot"))
+
+
+async def test_keys_list_describes_mark_compare_and_plot(demo):
+    from qtui.components.keys_screen import KeysScreen, key_rows
+
+    async with QtuiApp("runs", "experiments.toml", poll_interval=0.1).run_test(size=SIZE) as pilot:
+        app = await select(pilot, demo["w4"])
+        keys = {key: text for _, rows in key_rows(app.screen) for key, text in rows}
+        assert "Mark or unmark" in keys["x"] and "Compare the marked runs" in keys["C"]
+        assert "Pareto" in keys["p"]
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, KeysScreen)
+        await pilot.press("escape", "p")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlotScreen), what="the plot screen")
+        groups = dict(key_rows(app.screen, MAIN_SCREEN_ACTIONS))
+        assert "Fisher" in dict(groups["Plots"])["f"] and "x" not in dict(groups["Everywhere"])

@@ -89,6 +89,7 @@ def paired_table(rows: list[tuple[str, object]]) -> Table:
 
 
 class CompareScreen(Screen[None]):
+    KEYS_TITLE = "Compare"
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back", tooltip="Back to the runs"),
         Binding("g", "focus_next_part", "Next part", tooltip="Scroll to the next part (paired differences, "

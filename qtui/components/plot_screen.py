@@ -101,6 +101,7 @@ class PlotView(Widget):
 
 
 class PlotScreen(Screen[None]):
+    KEYS_TITLE = "Plots"
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back", tooltip="Back to the runs"),
         Binding("m", "next_metric", "Metric", tooltip="Pareto plot: FID, CLIP score or prompt accuracy"),
