@@ -204,8 +204,9 @@ class CompareScreen(Screen[None]):
             protocol.update(Text(self.protocol_note, style="green"))
         self.query_one("#compare-metrics", Static).update(
             Group(Text("Metrics", style="bold underline"), metrics_table(self.runs, metrics, self.labels)))
-        self.query_one("#compare-paired", Static).update(
-            "" if notes else Text("computing paired differences…", style="dim"))
+        paired = self.query_one("#compare-paired", Static)
+        paired.display = not notes
+        paired.update("" if notes else Text("computing paired differences…", style="dim"))
         self._show_layers(layers)
 
     def _show_paired(self, rows: list[tuple[str, object]]) -> None:
@@ -223,8 +224,12 @@ class CompareScreen(Screen[None]):
             title.update(Text("Layers: none of these runs has per-layer data", style="dim"))
             return
         matrix = build_matrix(with_layers, {r.id: self.labels[r.id] for r in self.runs if r.id in with_layers})
-        title.update(Text(f"Layers side by side ({len(matrix.layers)} layers; n (with the heatmap focused) cycles bits, weight error, "
-                          "output error, ...)", style="bold underline"))
+        without = [f"#{r.id}" for r in self.runs if r.id not in with_layers]
+        text = Text(f"Layers side by side ({len(matrix.layers)} layers; n (with the heatmap focused) cycles bits, "
+                    "weight error, output error, ...)", style="bold underline")
+        if without:
+            text.append(f"  {', '.join(without)}: no per-layer data", style="yellow")
+        title.update(text)
         self.query_one("#compare").mount(Heatmap(matrix, id="compare-heatmap"), before="#compare-legend")
 
     def on_heatmap_changed(self, event: Heatmap.Changed) -> None:
