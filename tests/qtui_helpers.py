@@ -219,8 +219,10 @@ def write_eval(runs_dir: Path, folder: Path, variant: str, n: int = 64, d: int =
     labels = np.arange(n, dtype=np.int64) % 10
     preds = labels.copy()
     preds[:wrong] = (preds[:wrong] + 1) % 10
+    clip = 30.0 - 2.0 * shift + 0.5 * base[:, 0] + noise * np.random.default_rng(3).normal(size=n)
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "eval.npz", features=features.astype(np.float32), labels=labels, preds=preds,
+             clip=clip.astype(np.float32),
              prompts=np.array([f"a handwritten digit {k}" for k in labels]),
              feature_model=np.array("tiny-model@000000000000"), clip_model=np.array(""),
              reference=np.array("demo"), reference_stats=np.array("../demo-reference.npz"),

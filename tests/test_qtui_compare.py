@@ -103,8 +103,9 @@ async def test_compare_selected_run_with_reference_paired_differences_and_verdic
         assert diffs["fid"].diff == pytest.approx(expected["fid"].diff)
         assert diffs["fid"].verdict == "worse" and diffs["fid"].low > 0  # w4 drifts away from fp32
         assert diffs["prompt_acc"].verdict == "worse"
+        assert diffs["clip_score"].verdict == "worse" and diffs["clip_score"].high < 0  # lower CLIP is worse
         text = screen_text(screen.query_one("#compare-paired"))
-        assert "d FID" in text and "d accuracy" in text and "worse" in text
+        assert "d FID" in text and "d accuracy" in text and "d CLIP" in text and "worse" in text
         assert f"{expected['fid'].diff:+.4g}" in text
         metrics = screen_text(screen.query_one("#compare-metrics"))
         assert "3.21" in metrics and "4.85" in metrics and "FID" in metrics
