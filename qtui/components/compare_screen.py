@@ -81,7 +81,8 @@ def paired_table(rows: list[tuple[str, object]]) -> Table:
         if isinstance(diffs, str):
             table.add_row(label, Text(diffs, style="yellow"), "", "")
             continue
-        for metric, d in diffs.items():
+        order = list(PAIRED_LABELS)
+        for metric, d in sorted(diffs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
             table.add_row(label, PAIRED_LABELS.get(metric, f"d {metric}"),
                           f"{d.diff:+.4g} [{d.low:+.3g}, {d.high:+.3g}]",
                           Text(d.verdict, style=VERDICT_STYLE.get(d.verdict, "")))
