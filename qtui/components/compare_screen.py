@@ -43,11 +43,14 @@ VERDICT_STYLE = {"better": "bold green", "worse": "bold red"}
 
 
 def fmt(value) -> str:
+    """4 significant digits; whole numbers from 10,000 up (sizes in bytes) with separators."""
     if value is None:
         return "—"
-    if isinstance(value, float) and not value.is_integer() or isinstance(value, float) and abs(value) < 1e4:
-        return f"{value:.4g}"
-    return f"{value:,.0f}" if isinstance(value, (int, float)) else str(value)
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if float(value).is_integer() and abs(value) >= 1e4:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
 
 
 def metrics_table(runs: list[RunRow], metrics: dict[int, dict], labels: dict[int, str]) -> Table:
