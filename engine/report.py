@@ -5,6 +5,8 @@ lab notebook, from what the store already holds (nothing is sampled again).
                       the expectations and their outcomes, links to the files below
     DIR/table.tex     the results table as a LaTeX tabular
     DIR/pareto.png    FID and CLIP score (or prompt accuracy without CLIP) against size
+    DIR/fisher.png    (experiments with Fisher runs) per-layer Fisher information against the
+                      measured sensitivity, log scales, with the run's Spearman correlation
     DIR/samples.png   side-by-side samples: one labelled column per variant, one row per
                       prompt (same prompt and noise across a row)
 
@@ -56,6 +58,30 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fisher_plot(layers: list[dict], spearman: float | None, path: Path, title: str) -> Path | None:
+    """Per-layer Fisher information against measured sensitivity (both log scales), one point per
+    layer that has both (positive); None when no layer has both."""
+    points = [(l["fisher"], l["sensitivity"]) for l in layers
+              if l.get("fisher") is not None and l.get("sensitivity") is not None
+              and l["fisher"] > 0 and l["sensitivity"] > 0]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.scatter(*zip(*points), s=14)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("Fisher information (estimated)")
+    ax.set_ylabel("measured sensitivity")
+    rho = "" if spearman is None else f", Spearman {spearman:.3f}"
+    ax.set_title(f"{title}: {len(points)} layers{rho}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -136,6 +162,19 @@ def write_report(store: Store, experiment, out: Path) -> list[Path]:
     if done:
         written.append(pareto_plot(done, out / "pareto.png", experiment.name))
         lines += ["## Size against quality", "", "![Pareto plot](pareto.png)", ""]
+    fisher_runs = [r for r in runs if r["status"] == "done"
+                   and store.metrics(r["id"]).get("fisher_spearman") is not None]
+    if fisher_runs:
+        run = fisher_runs[-1]
+        spearman = store.metrics(run["id"])["fisher_spearman"]
+        plot = fisher_plot(store.layers(run["id"]), spearman, out / "fisher.png",
+                           f"{experiment.name} / {run['variant']} (run {run['id']})")
+        if plot is not None:
+            written.append(plot)
+            lines += ["## Fisher against measured sensitivity", "",
+                      f"Run {run['id']} ({run['variant']}): each point is a layer; Spearman rank correlation "
+                      f"of the estimated Fisher information with the measured sensitivity {spearman:.3f}.", "",
+                      "![Fisher against sensitivity](fisher.png)", ""]
     columns = []
     first_seed = {}
     for r in runs:

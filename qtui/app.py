@@ -42,7 +42,7 @@ CONFIRM_SECONDS = 3.0
 # quits from another screen; escape goes back everywhere).
 MAIN_SCREEN_ACTIONS = frozenset({
     "cycle_status", "heatmap", "samples", "export", "rerun_failed", "reload", "toggle_tree",
-    "launch", "cancel_run", "rerun", "details", "quit_main", "columns", "queue",
+    "launch", "cancel_run", "rerun", "details", "quit_main", "columns", "queue", "mark", "compare", "plot",
 })
 
 
@@ -66,6 +66,11 @@ class QtuiApp(App[None]):
                 "running, done, failed, cancelled, lost)"),
         Binding("o", "columns", "Columns", tooltip="Choose, hide and reorder the table's columns (any "
                 "stored metric can be one); kept in RUNS_DIR/qtui-settings.json"),
+        Binding("x", "mark", "Mark", show=False, tooltip="Mark or unmark the selected run for comparison (C compares the marked runs)"),
+        Binding("C", "compare", "Compare", show=False, tooltip="Compare the marked runs (or the selected run with its "
+                "experiment's reference variant of the same protocol): metrics, paired differences, layers, samples"),
+        Binding("p", "plot", "Plots", show=False, tooltip="Plots of the selected run's experiment: Pareto front of FID or CLIP "
+                "against size or bits, Fisher against measured sensitivity"),
         Binding("e", "export", "Export", tooltip="Export the table as shown to CSV, Markdown, LaTeX or JSON"),
         Binding("R", "rerun_failed", "Rerun failed", show=False, tooltip="Re-run the failed runs of the experiment "
                 "(press twice)"),
@@ -102,6 +107,7 @@ class QtuiApp(App[None]):
         self.loaded = False  # a complete view of the database (runs and metrics) is applied
         self.db_error: str | None = None
         self._confirm: tuple[str, object, float] | None = None
+        self.marked: list[int] = []  # runs marked for comparison (x), in marking order
         from qtui.settings import load_settings
 
         self.settings, self.settings_problem = load_settings(self.runs_dir)
@@ -270,6 +276,8 @@ class QtuiApp(App[None]):
         note = f"sort {label} {arrow} · best in bold per experiment and protocol"
         if table.odd:
             note = f"{len(table.odd)} with another protocol (italic n) · " + note
+        if self.marked:
+            note = "marked " + " ".join(f"#{i}" for i in self.marked) + " (C compares) · " + note
         floor = self._fid_floor(table.filter_experiment)
         if floor is not None:
             note = f"FID floor {floor:.2f} · " + note
@@ -397,6 +405,62 @@ class QtuiApp(App[None]):
             return
         others = [r for r in self.runs_table.rows.values() if r.experiment == run.experiment]
         self.push_screen(SamplesScreen(self.runs_dir, run, others))
+
+    def action_mark(self) -> None:
+        run = self.runs_table.selected
+        if run is None:
+            self.notify("no run selected", severity="warning")
+            return
+        if run.id in self.marked:
+            self.marked.remove(run.id)
+        else:
+            self.marked.append(run.id)
+        self.notify(f"{'marked' if run.id in self.marked else 'unmarked'} run #{run.id}; "
+                    f"{len(self.marked)} marked" + (" (C compares them)" if len(self.marked) > 1 else ""))
+        self._retitle()
+
+    def compare_choice(self) -> tuple[list, str | None]:
+        """The runs C compares: the marked ones, else the selected run and its experiment's
+        reference variant run of the same protocol; or why there are none."""
+        rows = self.runs_table.rows
+        if self.marked:
+            runs = [rows[i] for i in self.marked if i in rows]
+            return (runs, None) if len(runs) >= 2 else ([], "mark at least two runs (x) to compare them")
+        run = self.runs_table.selected
+        if run is None:
+            return [], "no run selected"
+        names = []
+        if self.catalogue is not None and run.experiment in self.catalogue.experiments:
+            experiment = self.catalogue.experiments[run.experiment]
+            names = [experiment.reference_variant, *experiment.variants]
+        peers = [r for r in rows.values() if r.experiment == run.experiment and r.protocol == run.protocol
+                 and r.status == "done" and r.id != run.id]
+        for name in names:
+            same = [r for r in peers if r.variant == name]
+            if same:
+                return [max(same, key=lambda r: r.id), run], None
+        return [], (f"no done reference run of {run.experiment} with run #{run.id}'s protocol: "
+                    "mark runs with x to compare them")
+
+    def action_compare(self) -> None:
+        from qtui.components.compare_screen import CompareScreen
+
+        runs, problem = self.compare_choice()
+        if problem:
+            self.notify(problem, severity="warning")
+            return
+        self.push_screen(CompareScreen(self.runs_dir, runs))
+
+    def action_plot(self) -> None:
+        from qtui.components.plot_screen import PlotScreen
+
+        selected = self.runs_table.selected
+        experiment = self.runs_table.filter_experiment or (selected.experiment if selected else None)
+        if experiment is None:
+            self.notify("no run selected: nothing to plot", severity="warning")
+            return
+        runs = [r for r in self.runs_table.rows.values() if r.experiment == experiment]
+        self.push_screen(PlotScreen(self.runs_dir, experiment, runs, selected.id if selected else None))
 
     def action_columns(self) -> None:
         from qtui.components.columns_screen import ColumnsScreen

@@ -194,8 +194,50 @@ DEMO_LOG = "\n".join([
 ]) + "\n"
 
 
-def fill_demo(runs_dir: Path, with_images: bool = True) -> dict[str, int]:
-    """A small fixed database: four done RTN runs, a failed one, two mixed runs."""
+# How far each RTN variant's features sit from the full-precision ones (noise, shift) and how
+# many of its 64 samples the classifier gets wrong: paired differences grow with fewer bits.
+EVAL_DRIFT = {"fp32": (0.0, 0.0, 2), "w8": (0.02, 0.0, 2), "w4": (0.4, 0.5, 6), "w2": (1.5, 2.0, 40)}
+
+
+def write_eval(runs_dir: Path, folder: Path, variant: str, n: int = 64, d: int = 6) -> Path:
+    """A small synthetic eval.npz in engine/evaluate.py's format (same prompts, labels and base
+    features for every variant: sample i had the same prompt and noise), plus the variant's
+    samples.safetensors, and the shared reference statistics they are scored against."""
+    import numpy as np
+
+    from engine.grids import SAMPLES_FILE, save_samples
+    from engine.metrics.fid import FeatureStats
+    from engine.metrics.reference import save_stats
+
+    ref_path = runs_dir / "demo-reference.npz"
+    if not ref_path.exists():
+        reference = np.random.default_rng(99).normal(size=(512, d))
+        save_stats(ref_path, FeatureStats(mu=reference.mean(0), sigma=np.cov(reference, rowvar=False), n=512))
+    base = np.random.default_rng(1).normal(size=(n, d))
+    noise, shift, wrong = EVAL_DRIFT[variant]
+    features = base + noise * np.random.default_rng(2).normal(size=(n, d)) + shift
+    labels = np.arange(n, dtype=np.int64) % 10
+    preds = labels.copy()
+    preds[:wrong] = (preds[:wrong] + 1) % 10
+    clip = 30.0 - 2.0 * shift + 0.5 * base[:, 0] + noise * np.random.default_rng(3).normal(size=n)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "eval.npz", features=features.astype(np.float32), labels=labels, preds=preds,
+             clip=clip.astype(np.float32),
+             prompts=np.array([f"a handwritten digit {k}" for k in labels]),
+             feature_model=np.array("tiny-model@000000000000"), clip_model=np.array(""),
+             reference=np.array("demo"), reference_stats=np.array("../demo-reference.npz"),
+             seed=np.int64(0), version=np.int64(1))
+    images = np.zeros((n, 8, 8), dtype=np.uint8)
+    for i in range(n):
+        images[i, (i % 8), :] = 255 - int(noise * 100)
+        images[i, :, (labels[i] % 8)] = 128 + int(shift * 50)
+    save_samples(folder / SAMPLES_FILE, images, labels.tolist())
+    return folder / "eval.npz"
+
+
+def fill_demo(runs_dir: Path, with_images: bool = True, with_eval: bool = True) -> dict[str, int]:
+    """A small fixed database: four done RTN runs, a failed one, two mixed runs. With
+    `with_eval`, the RTN runs have eval.npz and samples files (compare view, paired differences)."""
     store = Store.open(runs_dir)
     ids: dict[str, int] = {}
     rtn = [("fp32", None, 32.0, 3.21, 0.91, 4_640_000, 5.1),
@@ -214,6 +256,8 @@ def fill_demo(runs_dir: Path, with_images: bool = True) -> dict[str, int]:
             log=DEMO_LOG if variant == "fp32" else None,
             config=config_for("digits-rtn", variant, bits, description=f"every layer {variant}"),
         )
+        if with_eval:
+            write_eval(runs_dir, store.run_folder(ids[variant]), variant)
     if with_images:
         comparison = write_png(runs_dir / "comparison.png", size=48, seed=7)
         store.add_artifact(ids["w2"], "comparison", str(comparison))

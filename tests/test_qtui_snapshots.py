@@ -108,3 +108,83 @@ def test_bad_catalogue_modal(snap_compare, demo, tmp_path):
         await until(pilot, lambda: pilot.app.loaded and pilot.app.experiments_tree.error)
 
     assert snap_compare(app(), terminal_size=(80, 24), run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_compare_screen(snap_compare, demo, size):
+    async def run_before(pilot):
+        from qtui.components.compare_screen import CompareScreen
+
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(demo["w4"])
+        await pilot.press("C")
+        screen = lambda: pilot.app.screen  # noqa: E731
+        await until(pilot, lambda: isinstance(screen(), CompareScreen) and screen().paired is not None
+                    and screen().query(Heatmap) and all(v.image for v in screen().query(SampleView))
+                    and screen().query(SampleView))
+
+    assert snap_compare(app(), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_plot_screen(snap_compare, demo, size):
+    async def run_before(pilot):
+        from qtui.components.plot_screen import PlotScreen
+
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(demo["w4"])
+        await pilot.press("p")
+        await until(pilot, lambda: isinstance(pilot.app.screen, PlotScreen) and pilot.app.screen.points)
+
+    assert snap_compare(app(), terminal_size=size, run_before=run_before)
+
+
+def test_compare_screen_other_protocol(snap_compare, demo, tmp_path):
+    from engine.store import Store
+    from qtui_helpers import add_run, config_for, metrics_for, write_eval
+
+    store = Store.open(tmp_path / "runs")
+    bits = {"conv": 4, "attention": 4, "linear": 4}
+    short = add_run(store, "digits-rtn", "w4", metrics=metrics_for(5.9, 0.8, 4.0, 600_000, 4.8),
+                    config=config_for("digits-rtn", "w4", bits, samples=100))
+    write_eval(tmp_path / "runs", store.run_folder(short), "w4", n=100)
+    store.close()
+
+    async def run_before(pilot):
+        from qtui.components.compare_screen import CompareScreen
+
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(short)
+        await pilot.press("x")
+        pilot.app.runs_table.select_run(demo["fp32"])
+        await pilot.press("x", "C")
+        await until(pilot, lambda: isinstance(pilot.app.screen, CompareScreen)
+                    and pilot.app.screen.same_protocol is not None and pilot.app.screen.query(Heatmap))
+        pilot.app.clear_notifications()  # the mark toasts would time out at a machine-dependent moment
+        await pilot.pause(0.1)
+
+    assert snap_compare(app(), terminal_size=(80, 24), run_before=run_before)
+
+
+def test_fisher_plot(snap_compare, demo, tmp_path):
+    from engine.store import Store
+    from qtui_helpers import add_run, config_for, fake_layers, metrics_for
+
+    store = Store.open(tmp_path / "runs")
+    layers = fake_layers({"conv": 4, "attention": 8, "linear": 8})
+    for i, layer in enumerate(layers):
+        layer["fisher"] = (layer["sensitivity"] or 0) * (1 + (i * 37 % 11) / 5) * 1e-3
+    add_run(store, "digits-rtn", "w4", metrics={**metrics_for(4.5, 0.87, 5.0, 700_000, 4.8), "fisher_spearman": 0.81},
+            layers=layers, config=config_for("digits-rtn", "w4", {"conv": 4}))
+    store.close()
+
+    async def run_before(pilot):
+        from qtui.components.plot_screen import PlotScreen
+
+        await loaded(pilot)
+        pilot.app.runs_table.select_run(demo["w4"])
+        await pilot.press("p", "f")
+        await until(pilot, lambda: isinstance(pilot.app.screen, PlotScreen)
+                    and pilot.app.screen.fisher_layers is not None)
+
+    assert snap_compare(app(), terminal_size=(80, 24), run_before=run_before)
