@@ -130,3 +130,25 @@ def test_run_fails_clearly_for_unreadable_clip_weights(tmp_path, tiny_models, ti
     exp = load_catalogue(_catalogue(tmp_path, tiny_models, clip_model=f"local-dir:{broken}")).get("tiny")
     with pytest.raises(ClipLoadError, match="broken: cannot load the open_clip model"):
         Evaluator.from_config(exp.run_config("fp"), torch.device("cpu"), tmp_path / "cache")
+
+
+def test_reference_cache_written_by_several_processes_at_once(tmp_path):
+    """Two runs of one experiment started together both compute and cache the reference
+    statistics: each writes its own temporary file, so neither rename fails."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.time() + 1.0
+    code = ("import sys, time, numpy as np\n"
+            "from pathlib import Path\n"
+            "from engine.metrics.fid import feature_stats\n"
+            "from engine.metrics import reference\n"
+            "stats = feature_stats(np.random.default_rng(0).normal(size=(50, 8)))\n"
+            "while time.time() < float(sys.argv[2]): pass\n"
+            "for _ in range(20): reference.save_stats(Path(sys.argv[1]) / 'ref.npz', stats)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(start)], stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ref.npz"]

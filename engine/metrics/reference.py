@@ -53,7 +53,7 @@ def save_stats(path: Path, stats: FeatureStats, **extra) -> Path:
     """Write mu and sigma as pytorch-fid does (np.savez_compressed), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # per process: runs write at once
     np.savez_compressed(tmp, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
                         **{k: np.float64(v) for k, v in extra.items() if v is not None})
     os.replace(tmp, path)
@@ -134,7 +134,7 @@ def _cached_features(cached: Path) -> np.ndarray | None:
 
 def _save_features(cached: Path, features: np.ndarray) -> None:
     path = _features_file(cached)
-    tmp = path.with_name(path.stem + ".tmp.npy")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # per process: runs write at once
     np.save(tmp, np.asarray(features, dtype=np.float32))
     os.replace(tmp, path)
 
