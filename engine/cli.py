@@ -1,4 +1,4 @@
-"""The `engine` command: list, run, queue, show, compare, report, export, stats and train. Heavy imports
+"""The `engine` command: list, run, queue, rerun, show, compare, report, export, stats and train. Heavy imports
 happen per command."""
 
 from __future__ import annotations
@@ -193,6 +193,47 @@ def cmd_queue_cancel(args) -> int:
     return code
 
 
+def cmd_rerun(args) -> int:
+    """Queue a copy of each run with its stored config, follow them and print the table."""
+    from rich.console import Console
+
+    from engine.executor import display_status
+    from engine.runner import follow_runs, launch_options, requeue, results_table
+    from engine.scheduler import ensure_scheduler
+    from engine.settings import load_settings
+
+    store = open_store(args, create=False)
+    originals = []
+    for run_id in args.run:
+        if not store.db["runs"].count_where("id = ?", [run_id]):
+            raise UserError(f"no run {run_id} in {store.runs_dir / 'qtui.db'}")
+        run = store.get_run(run_id)
+        if display_status(run) in ("queued", "running"):
+            raise UserError(f"run {run_id} is {display_status(run)}: nothing to re-run yet")
+        originals.append(run)
+    settings = load_settings(args.experiments)
+    jobs = args.jobs if args.jobs is not None else settings.jobs
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    launch = launch_options("local", jobs)
+    ids = [requeue(store, run, launch) for run in originals]
+    for old, new in zip(originals, ids):
+        print(f"run {new}: re-run of run {old['id']} ({old['experiment']}/{old['variant']})")
+    ensure_scheduler(store.runs_dir, jobs, None, store)
+    if args.no_wait:
+        return 0
+    console = Console()
+    try:
+        follow_runs(store, ids, launch, console)
+    except KeyboardInterrupt:
+        return 130
+    Console(width=max(console.width, TABLE_WIDTH)).print(results_table(store, ids, f"re-runs ({store.runs_dir / 'qtui.db'})"))
+    failed = [r for r in (store.get_run(i) for i in ids) if r["status"] != "done"]
+    for run in failed:
+        console.print(f"[red]{run['variant']}: {run['status']}: {run['error']}[/red]")
+    return 1 if failed else 0
+
+
 def cmd_show(args) -> int:
     from rich.console import Console
 
@@ -381,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = qsub.add_parser("cancel", parents=[common], help="cancel queued or running runs (scancel on Slurm)")
     q.add_argument("run", type=int, nargs="+", help="run ids")
     q.set_defaults(func=cmd_queue)
+    p = sub.add_parser("rerun", parents=[common], help="re-run finished runs with their stored configs (locally)")
+    p.add_argument("run", type=int, nargs="+", help="run ids")
+    p.add_argument("--jobs", type=int, help="runs at once (default 1, or qtui.toml)")
+    p.add_argument("--no-wait", action="store_true", help="queue them and return")
+    p.set_defaults(func=cmd_rerun)
     p = sub.add_parser("show", parents=[common], help="an experiment's definition and results")
     p.add_argument("name")
     p.set_defaults(func=cmd_show)

@@ -117,11 +117,27 @@ class LogFollower:
         return events
 
 
+def requeue(store: Store, run: dict, launch: dict) -> int:
+    """A new queued run with the experiment, variant and stored config of `run` (a failed or
+    cancelled one, say), recorded with the current git commit and package versions as `engine
+    run` records them. The engine is deterministic: it gives the numbers the original would
+    have given."""
+    config = json.loads(run["config"]) if run.get("config") else {}
+    return store.create_run(run["experiment"], run["variant"], config, run.get("config_hash") or "",
+                            git_commit(), package_versions(), executor=launch["executor"], launch=launch)
+
+
 def run_experiment(store: Store, experiment: Experiment, variants: list[str], samples: int | None,
                    jobs: int = 1, console: Console | None = None, launch: dict | None = None) -> list[int]:
-    console = console or Console()
     launch = launch or launch_options(jobs=jobs)
     ids = queue_runs(store, experiment, variants, samples, launch)
+    follow_runs(store, ids, launch, console)
+    return ids
+
+
+def follow_runs(store: Store, ids: list[int], launch: dict, console: Console | None = None) -> None:
+    """Rich progress of the runs `ids` until all have finished. Ctrl-C cancels them."""
+    console = console or Console()
     seeds = {i: json.loads(store.get_run(i)["config"])["sampling"]["seed"] for i in ids}
     several = len(set(seeds.values())) > 1
     names = {i: store.get_run(i)["variant"] + (f" s{seeds[i]}" if several else "") for i in ids}
@@ -162,7 +178,6 @@ def run_experiment(store: Store, experiment: Experiment, variants: list[str], sa
         for run_id in ids:
             cancel_run(store, run_id)
         raise
-    return ids
 
 
 TABLE_SKIP = ("id", "experiment", "reduction_pct", "mean_bits")

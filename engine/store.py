@@ -47,7 +47,10 @@ FINISHED = ("done", "failed", "cancelled")
 LAYER_QUANTITIES = ("bits", "weight_err", "fisher", "sensitivity", "out_err", "start_share")
 
 
-BUSY_TIMEOUT_MS = 10000
+# How long a write waits for another process's write lock before giving up. Workers and the
+# scheduler are unattended: they must outlast a user holding a transaction open in another tool
+# (sqlite3's BEGIN IMMEDIATE, a DB browser) for minutes, not fail after seconds.
+BUSY_TIMEOUT_MS = 300_000
 
 
 def retry_busy(step, deadline_s: float = BUSY_TIMEOUT_MS / 1000):

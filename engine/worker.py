@@ -4,7 +4,7 @@ Reads the run's resolved config from the store, executes it (`engine.pipeline.ex
 records the outcome itself: status, progress events, metrics, layers and artifacts. Progress
 also goes to stdout as JSON lines (one object per line) for whoever watches the log. A
 heartbeat thread beats every few seconds, so a run whose worker vanished is seen as lost on
-any host. SIGTERM cancels: the run is recorded as cancelled.
+any host. SIGTERM cancels: the run is recorded as cancelled. SIGHUP is ignored.
 
 With `--remote` (a Slurm job on another node) the worker never opens the database: the same
 records go to files in its run folder, which the head-side scheduler ingests
@@ -90,6 +90,9 @@ def run_worker(store: Store, run_id: int, open_store=None) -> int:
         return 0
     signal.signal(signal.SIGTERM, _cancel)
     signal.signal(signal.SIGINT, _cancel)
+    # Workers run in their own session; a SIGHUP (a closed terminal, an SSH drop passed on by
+    # a wrapper) is no reason to lose hours of work: the run goes on.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not store.mark_running(run_id):  # cancelled meanwhile, or another worker has it
         print(json.dumps({"event": "skipped", "status": store.get_run(run_id)["status"]}), flush=True)
         return 0

@@ -169,15 +169,9 @@ class Launcher(threading.Thread):
         self.notify(f"{experiment}: re-running {len(failed)} failed as {describe(new_ids)}", False)
 
     def _copy(self, run: dict) -> int:
-        """A new queued run with the same experiment, variant and stored config, recorded
-        with the current git commit and package versions as `engine run` records them."""
-        from engine.runner import git_commit, package_versions
+        from engine.runner import requeue
 
-        config = json.loads(run["config"]) if run.get("config") else {}
-        new_id = self.store.create_run(
-            run["experiment"], run["variant"], config, run.get("config_hash") or "",
-            git_commit(), package_versions(), executor=self.options["executor"], launch=self.options,
-        )
+        new_id = requeue(self.store, run, self.options)
         self._ensure_scheduler()
         return new_id
 
