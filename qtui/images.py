@@ -18,6 +18,14 @@ detected: str | None = None  # "sixel" or "kitty" once probe() found one; None: 
 def probe() -> str | None:
     """Ask the terminal (before Textual starts) which image protocol it speaks."""
     global detected
+    # textual-image logs a warning with a traceback when the terminal does not answer its
+    # cell-size query (many do not, over SSH); with no logging set up Python would print it
+    # over the screen. Its fallback is fine: keep its log out of the terminal.
+    import logging
+
+    quiet = logging.getLogger("textual_image")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
     try:
         import textual_image.renderable as renderable
         import textual_image.widget  # noqa: F401  (asks for the cell size, also only possible now)

@@ -43,4 +43,25 @@ def signal_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
     yield from signal_trials(lab, runs, rng, rounds, TARGETS, tuple(SIGNALS))
 
 
-FAULTS = {"signal": signal_fault}
+def lock_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
+    from bench.fault_lab.lock import lock_trials
+
+    # 12 s is beyond SQLite's usual few seconds and this store's old 10 s busy timeout
+    yield from lock_trials(lab, fresh_runs(lab, "lock"), rng, 1 if quick else rounds, 12.0 if quick else 30.0)
+
+
+def load_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
+    from bench.fault_lab.load import load_trial
+
+    runs = fresh_runs(lab, "load")
+    for _ in range(1 if quick else rounds):
+        yield load_trial(lab, runs, rng, 8, 10.0 if quick else 60.0)
+
+
+def starts_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
+    from bench.fault_lab.starts import starts_trials
+
+    yield from starts_trials(lab, rng, 1 if quick else 3 * rounds, 3 if quick else 4)
+
+
+FAULTS = {"signal": signal_fault, "lock": lock_fault, "load": load_fault, "starts": starts_fault}

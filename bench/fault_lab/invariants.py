@@ -110,15 +110,16 @@ def done_run_problems(lab: Lab, runs: Path, run: dict) -> list[str]:
     return problems
 
 
-def numbers_problems(lab: Lab, runs: Path, run_id: int) -> list[str]:
-    """A finished run's stable metrics against the undisturbed run of its variant."""
+def numbers_problems(lab: Lab, runs: Path, run_id: int, paired: bool = True) -> list[str]:
+    """A finished run's stable metrics against the undisturbed run of its variant (without the
+    paired differences `d_*` unless `paired`: they need the reference run in the same folder)."""
     run = lab.query(runs, "select * from runs where id = ?", (run_id,))[0]
     name = f"run {run_id} ({run['variant']})"
     if run["status"] != "done":
         return [f"{name}: {run['status']}: {run['error']}"]
     baseline = stable(lab.baselines[run["variant"]]["metrics"])
     have = stable(lab.describe_run(runs, run_id)["metrics"])
-    differ = [k for k in baseline if not same(have.get(k), baseline[k])]
+    differ = [k for k in baseline if (paired or not k.startswith("d_")) and not same(have.get(k), baseline[k])]
     if differ:
         k = differ[0]
         return [f"{name}: {len(differ)} metrics differ from an undisturbed run, e.g. {k}: "
