@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     failures, lost, integrity = [], 0, True
     try:
         lab.prepare()
-        campaigns.prepare(lab)
+        campaigns.prepare(lab, args.quick)
         print(f"lab {folder}: baselines of {', '.join(lab.baselines)} in {time.time() - start:.0f} s", flush=True)
         for fault in faults:
             for outcome in campaigns.FAULTS[fault](lab, rng, args.rounds, args.quick):

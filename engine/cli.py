@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -465,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.OperationalError as exc:  # e.g. locked by another process beyond the busy timeout
+        where = Path(getattr(args, "runs_dir", "runs")) / "qtui.db"
+        print(f"error: {where}: {exc} (another process held it longer than the engine waits)"
+              if "locked" in str(exc) else f"error: {where}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -14,10 +14,11 @@ from bench.fault_lab.signals import SIGNALS, TARGETS, signal_trials
 VARIANTS = ["fp", "rtn", "gptq"]
 
 
-def prepare(lab: Lab) -> None:
+def prepare(lab: Lab, quick: bool = False) -> None:
+    """Undisturbed runs of the variants (the quick campaign does without GPTQ)."""
     runs = lab.folder / "baseline-runs"
     shutil.rmtree(runs, ignore_errors=True)
-    lab.record_baselines(runs, VARIANTS)
+    lab.record_baselines(runs, VARIANTS[:2] if quick else VARIANTS)
 
 
 def fresh_runs(lab: Lab, name: str):
@@ -32,11 +33,10 @@ def fresh_runs(lab: Lab, name: str):
 def signal_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
     runs = fresh_runs(lab, "signal")
     if quick:
-        plan = [("worker", "SIGKILL", rng.choice(["sampling", "quantize", "calibrate"])),
-                ("worker", "SIGTERM", rng.choice(["load", "metrics"])), ("worker", "SIGHUP", "sampling"),
-                ("scheduler", "SIGKILL", "quantize"), ("engine-run", "SIGHUP", "sampling")]
         from bench.fault_lab.signals import signal_trial
 
+        plan = [("worker", "SIGKILL", rng.choice(["quantize", "sampling", "metrics"])),
+                ("worker", "SIGTERM", rng.choice(["load", "sampling"])), ("scheduler", "SIGKILL", "quantize")]
         for target, name, stage in plan:
             yield signal_trial(lab, runs, rng, target, name, stage)
         return
@@ -44,10 +44,14 @@ def signal_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
 
 
 def lock_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
-    from bench.fault_lab.lock import lock_trials
+    from bench.fault_lab.lock import lock_trial, lock_trials
 
     # 12 s is beyond SQLite's usual few seconds and this store's old 10 s busy timeout
-    yield from lock_trials(lab, fresh_runs(lab, "lock"), rng, 1 if quick else rounds, 12.0 if quick else 30.0)
+    runs = fresh_runs(lab, "lock")
+    if quick:
+        yield lock_trial(lab, runs, rng, 12.0, before_start=False)
+        return
+    yield from lock_trials(lab, runs, rng, rounds, 30.0)
 
 
 def load_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
@@ -55,13 +59,13 @@ def load_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
 
     runs = fresh_runs(lab, "load")
     for _ in range(1 if quick else rounds):
-        yield load_trial(lab, runs, rng, 8, 10.0 if quick else 60.0)
+        yield load_trial(lab, runs, rng, 8, 6.0 if quick else 60.0)
 
 
 def starts_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
     from bench.fault_lab.starts import starts_trials
 
-    yield from starts_trials(lab, rng, 1 if quick else 3 * rounds, 3 if quick else 4)
+    yield from starts_trials(lab, rng, 1 if quick else 3 * rounds, 3 if quick else 4, list(lab.baselines))
 
 
 FAULTS = {"signal": signal_fault, "lock": lock_fault, "load": load_fault, "starts": starts_fault}

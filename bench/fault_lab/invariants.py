@@ -49,7 +49,10 @@ def check_database(lab: Lab, runs: Path, before: dict[tuple[int, str], float] | 
         return verdict
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
     try:
-        result = [r[0] for r in conn.execute("pragma integrity_check").fetchall()]
+        try:
+            result = [r[0] for r in conn.execute("pragma integrity_check").fetchall()]
+        except sqlite3.DatabaseError as exc:  # too damaged to even check
+            result = [str(exc)]
         if result != ["ok"]:
             verdict.integrity = False
             verdict.problems.append(f"integrity_check: {'; '.join(result[:3])}")

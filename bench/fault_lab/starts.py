@@ -14,10 +14,10 @@ from bench.fault_lab.lab import Lab
 from bench.fault_lab.signals import Outcome
 
 
-def starts_trial(lab: Lab, runs: Path, rng: random.Random, engines: int) -> Outcome:
+def starts_trial(lab: Lab, runs: Path, rng: random.Random, engines: int, variants: list[str]) -> Outcome:
     shutil.rmtree(runs, ignore_errors=True)
     runs.parent.mkdir(parents=True, exist_ok=True)
-    variants = [rng.choice(["fp", "rtn", "gptq"]) for _ in range(engines)]
+    variants = [rng.choice(variants) for _ in range(engines)]
     detail = f"{engines} engine runs at once ({', '.join(variants)})"
     verdict = Verdict()
     try:
@@ -42,6 +42,6 @@ def starts_trial(lab: Lab, runs: Path, rng: random.Random, engines: int) -> Outc
         lab.cleanup()
 
 
-def starts_trials(lab: Lab, rng: random.Random, rounds: int, engines: int):
+def starts_trials(lab: Lab, rng: random.Random, rounds: int, engines: int, variants: list[str]):
     for i in range(rounds):
-        yield starts_trial(lab, lab.folder / "starts-runs", rng, engines)
+        yield starts_trial(lab, lab.folder / "starts-runs", rng, engines, variants)
