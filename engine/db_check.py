@@ -61,13 +61,16 @@ def check_database(path: str | Path) -> None:
     if counts_valid and not wal and size < pages * page_size:
         raise DamagedDatabase(path, f"truncated: its header says {pages * page_size} bytes ({pages} pages), "
                                     f"the file has {size}")
-    _probe(path)
+    _probe(path, immutable=not wal)
 
 
-def _probe(path: Path) -> None:
-    """Read the schema over a read-only connection; SQLite's own verdict on damage."""
+def _probe(path: Path, immutable: bool) -> None:
+    """Read the schema over a read-only connection; SQLite's own verdict on damage. Without a
+    write-ahead log the file alone is the database: opened `immutable`, SQLite creates no
+    -wal or -shm file beside it either."""
+    mode = "mode=ro&immutable=1" if immutable else "mode=ro"
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=10)
     except sqlite3.Error:
         return  # cannot open read-only here (e.g. no -shm may be created): the normal open reports it
     try:

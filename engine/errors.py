@@ -32,6 +32,7 @@ class DamagedDatabase(UserError):
     def __init__(self, path, problem: str):
         self.path, self.problem = str(path), problem
         super().__init__(
-            f"{path}: damaged database ({problem}); nothing was changed. Move it aside and recover "
-            f"what it holds: mv {path} {path}.damaged && sqlite3 {path}.damaged .recover | sqlite3 {path}"
+            f"{path}: damaged database ({problem}); nothing was changed. Move it aside (with its -wal "
+            f"file, if any) and recover what it holds: mv {path} {path}.damaged && "
+            f'sqlite3 {path}.damaged ".recover" | sqlite3 {path}'
         )
