@@ -448,3 +448,46 @@ def test_qtui_exits_2_before_starting_on_a_damaged_database(tmp_path, tiny_exper
     assert result.stderr.strip().startswith(f"qtui: error: {runs / 'qtui.db'}: damaged database (not an SQLite")
     assert len(result.stderr.strip().splitlines()) == 1
     assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------ engine verify --requantize (GPTQ)
+from tests.test_gptq_method import GPTQ_TOML, tiny_mmdit  # noqa: E402,F401  (the session fixture)
+
+
+def test_verify_requantize_reproduces_a_gptq_runs_codes(tmp_path, tiny_mmdit, tiny_models):  # noqa: F811
+    from safetensors.torch import load_file, save_file
+
+    from engine.file_checks import fingerprint
+    from engine.quant.calibration_hessians import META_KEY
+
+    toml = tmp_path / "experiments.toml"
+    toml.write_text(GPTQ_TOML.format(model=tiny_mmdit, classifier=tiny_models["classifier"]))
+    runs = tmp_path / "runs"
+    result = engine("run", "tiny-gptq", "--variant", "gptq-w2a8", "--experiments", str(toml), "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stdout + result.stderr
+    store = Store.open(runs)
+    run = store.runs()[0]
+    result = verify(runs, "--requantize")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"run {run['id']} ok"
+
+    # another calibration, recorded as if the run had written it: GPTQ no longer gives its codes
+    path = runs / run["folder"] / "calibration.safetensors"
+    tensors = load_file(str(path))
+    for key in [k for k in tensors if k.startswith("hessian.")]:
+        n = tensors[key].shape[0]
+        tensors[key] = torch.diag(torch.linspace(1.0, 50.0, n)) * tensors[key].diagonal().mean()
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(path), metadata={META_KEY: meta[META_KEY]})
+    size, sha = fingerprint(path)
+    with store.db.conn:
+        store.db.conn.execute("update artifacts set size = ?, sha256 = ? where run_id = ? and kind = 'calibration'",
+                              (size, sha, run["id"]))
+    assert verify(runs).returncode == 0  # the files parse and the checkpoint loads
+    result = verify(runs, "--requantize")
+    assert result.returncode == 2
+    assert result.stdout.strip().startswith(
+        f"run {run['id']}: weights.safetensors: requantized codes differ from the checkpoint's in ")
