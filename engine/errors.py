@@ -16,9 +16,10 @@ class ConfigError(UserError):
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
-class DamagedFile(UserError):
+class DamagedFile(UserError, ValueError):
     """A file qtui wrote earlier (a checkpoint, calibration, samples, per-sample data) that is
-    truncated, altered or not what its name says: one line naming the file and what is wrong."""
+    truncated, altered or not what its name says: one line naming the file and what is wrong.
+    Also a ValueError, what the loaders raised for a bad file before."""
 
     def __init__(self, path, problem: str):
         self.path, self.problem = str(path), problem
