@@ -15,6 +15,7 @@ sits beside it: then the database's pages are missing and it is damaged.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 from engine.errors import DamagedDatabase
@@ -32,8 +33,16 @@ def _wal_bytes(path: Path) -> int:
 
 def check_database(path: str | Path) -> None:
     """DamagedDatabase if `path` exists and is not a readable SQLite database; else nothing.
-    Read-only: the file's bytes are never changed."""
-    path = Path(path)
+    Read-only: the file's bytes are never changed. A verdict of damage is confirmed by a second
+    look, so that another process checkpointing at that moment is not mistaken for damage."""
+    try:
+        _check(Path(path))
+    except DamagedDatabase:
+        time.sleep(0.05)
+        _check(Path(path))
+
+
+def _check(path: Path) -> None:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

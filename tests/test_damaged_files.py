@@ -491,3 +491,24 @@ def test_verify_requantize_reproduces_a_gptq_runs_codes(tmp_path, tiny_mmdit, ti
     assert result.returncode == 2
     assert result.stdout.strip().startswith(
         f"run {run['id']}: weights.safetensors: requantized codes differ from the checkpoint's in ")
+
+
+def test_verify_loads_qat_dgq_minmax_and_ptq_checkpoints(tmp_path, tiny_models):
+    """The methods whose checkpoints hold activation quantizers (QAT W4A8, dgq, minmax) load
+    strictly through their `prepare_load`; PTQ's own checkpoint parses."""
+    from tests.conftest import TINY_TOML
+    from tests.test_dgq import DGQ_TOML
+    from tests.test_ptq_qat import E2E_TOML
+
+    toml = tmp_path / "experiments.toml"
+    toml.write_text(TINY_TOML.format(model=tiny_models["model"], classifier=tiny_models["classifier"]) + E2E_TOML
+                    + DGQ_TOML.format(model=tiny_models["model"], classifier=tiny_models["classifier"]))
+    runs = tmp_path / "runs"
+    for args in (("tiny", "--variant", "P", "--variant", "Q", "--samples", "10"), ("tiny-dgq",)):
+        result = engine("run", *args, "--experiments", str(toml), "--runs-dir", str(runs))
+        assert result.returncode == 0, result.stdout + result.stderr
+    ids = [r["id"] for r in Store.open(runs).runs()]
+    assert len(ids) == 4
+    result = verify(runs)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [f"run {i} ok" for i in ids]
