@@ -1,4 +1,4 @@
-"""The `engine` command: list, run, queue, show, compare, report, export, stats and train. Heavy imports
+"""The `engine` command: list, run, queue, show, compare, report, export, verify, stats and train. Heavy imports
 happen per command."""
 
 from __future__ import annotations
