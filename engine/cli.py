@@ -1,4 +1,4 @@
-"""The `engine` command: list, run, queue, rerun, show, compare, report, export, stats and train. Heavy imports
+"""The `engine` command: list, run, queue, rerun, show, compare, report, export, verify, stats and train. Heavy imports
 happen per command."""
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def open_store(args, create: bool = True):
         return Store.open(args.runs_dir, create=create)
     except FileNotFoundError:
         raise UserError(f"{args.runs_dir}: no database yet (run an experiment first)") from None
+    except UserError:
+        raise  # a damaged database: its own message says what to do
     except Exception as exc:  # sqlite3 errors: locked, corrupt, not a database
         raise UserError(f"{args.runs_dir}: cannot open the database ({exc})") from None
 
@@ -271,6 +273,38 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Each chosen run's files against what the database recorded (engine/verify.py)."""
+    from engine.db_check import integrity_problems
+    from engine.store import db_path
+    from engine.verify import verify_run
+
+    store = open_store(args, create=False)
+    by_id = {r["id"]: r for r in store.runs(experiment=args.experiment)}
+    if args.run:
+        missing = [i for i in args.run if i not in by_id]
+        if missing:
+            where = f"experiment {args.experiment!r} of " if args.experiment else ""
+            raise UserError(f"no run {missing[0]} in {where}{db_path(store.runs_dir)}")
+        runs = [by_id[i] for i in args.run]
+    else:
+        runs = [r for r in by_id.values() if r["status"] == "done"]
+    bad = 0
+    for problem in integrity_problems(db_path(store.runs_dir)):
+        print(f"{db_path(store.runs_dir)}: integrity check: {problem}")
+        bad += 1
+    for run in runs:
+        problems = verify_run(store, run, requantize=args.requantize)
+        for problem in problems:
+            print(f"run {run['id']}: {problem}", flush=True)
+        if not problems:
+            print(f"run {run['id']} ok", flush=True)
+        bad += bool(problems)
+    if not runs:
+        print("no runs to verify")
+    return 2 if bad else 0
+
+
 def print_expectations(console, results) -> None:
     """Each expectation: its outcome, and the paired difference per seed."""
     if results:
@@ -444,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="only this experiment")
     p.add_argument("--out", help="file to write (default: standard output)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("verify", parents=[common], help="check runs' files against the database (default: every done run)")
+    p.add_argument("run", type=int, nargs="*", metavar="RUN", help="run ids")
+    p.add_argument("--experiment", help="only this experiment's runs")
+    p.add_argument("--requantize", action="store_true", help="GPTQ runs: re-run GPTQ from the calibration file, "
+                                                              "codes must equal the checkpoint's")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("stats", help="FID reference statistics of a folder of images (pytorch-fid's .npz)")
     p.add_argument("folder")
     p.add_argument("--out", required=True, help="the .npz to write (mu, sigma; pytorch_fid reads it)")

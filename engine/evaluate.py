@@ -79,22 +79,26 @@ def save_eval(folder: Path, data: dict) -> Path:
 
 
 def load_eval(folder: str | Path) -> EvalData:
+    """The per-sample data of a run; `engine.errors.DamagedFile` if its file is damaged."""
+    from engine.file_checks import check_npz
+    from engine.paired_runs import EVAL_ARRAYS
+
     folder = Path(folder)
-    with np.load(folder / EVAL_FILE) as f:
-        get = lambda k: f[k] if k in f else None  # noqa: E731
-        return EvalData(
-            folder=folder,
-            features=f["features"],
-            prompts=[str(p) for p in f["prompts"]],
-            labels=get("labels"),
-            preds=get("preds"),
-            clip=get("clip"),
-            feature_model=str(f["feature_model"]),
-            clip_model=str(f["clip_model"]),
-            reference=str(f["reference"]),
-            reference_path=str(f["reference_stats"]),
-            seed=int(f["seed"]),
-        )
+    f = check_npz(folder / EVAL_FILE, EVAL_ARRAYS)
+    get = f.get
+    return EvalData(
+        folder=folder,
+        features=f["features"],
+        prompts=[str(p) for p in f["prompts"]],
+        labels=get("labels"),
+        preds=get("preds"),
+        clip=get("clip"),
+        feature_model=str(f["feature_model"]),
+        clip_model=str(f["clip_model"]),
+        reference=str(f["reference"]),
+        reference_path=str(f["reference_stats"]),
+        seed=int(f["seed"]),
+    )
 
 
 def mean_with_interval(values: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[float, float, float]:

@@ -34,9 +34,20 @@ def save_samples(path: Path, images_u8: np.ndarray, labels: list[int] | None) ->
 
 
 def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels `save_samples` wrote; `engine.errors.DamagedFile` for a damaged file."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    data = load_file(str(path))
+    from engine.errors import DamagedFile
+    from engine.file_checks import check_safetensors, require_tensors
+
+    require_tensors(path, check_safetensors(path), ("images", "labels"))
+    try:
+        data = load_file(str(path))
+    except (SafetensorError, ValueError) as exc:
+        raise DamagedFile(path, f"not a valid samples file: {exc}") from None
+    if data["images"].dtype != np.uint8 or len(data["labels"]) != len(data["images"]):
+        raise DamagedFile(path, "not a valid samples file: images must be uint8 with one label each")
     return data["images"], data["labels"]
 
 

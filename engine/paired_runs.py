@@ -27,6 +27,7 @@ from engine.protocol import differences, family_hash
 from engine.store import Store
 
 EVAL_FILE = "eval.npz"  # written by engine/evaluate.py (its docstring documents the arrays)
+EVAL_ARRAYS = ("features", "prompts", "feature_model", "clip_model", "reference", "reference_stats", "seed")
 DEFAULT_RESAMPLES = 200  # when a run's config asks for no bootstrap (bootstrap = 0)
 PAIRED = ("fid", "prompt_acc", "clip_score")
 
@@ -62,15 +63,17 @@ def load_eval_data(folder: Path) -> EvalData | None:
     path = folder / EVAL_FILE
     if not path.exists():
         return None
-    with np.load(path) as z:
-        get = lambda k: z[k] if k in z.files else None  # noqa: E731
-        stats_path = Path(str(z["reference_stats"]))
-        return EvalData(
-            features=z["features"].astype(np.float64), labels=get("labels"), preds=get("preds"),
-            clip=get("clip"), prompts=[str(p) for p in z["prompts"]],
-            ref=load_stats(stats_path if stats_path.is_absolute() else folder / stats_path)[0],
-            reference=str(z["reference"]),
-        )
+    from engine.file_checks import check_npz
+
+    z = check_npz(path, EVAL_ARRAYS)  # DamagedFile for a truncated or altered file
+    get = z.get
+    stats_path = Path(str(z["reference_stats"]))
+    return EvalData(
+        features=z["features"].astype(np.float64), labels=get("labels"), preds=get("preds"),
+        clip=get("clip"), prompts=[str(p) for p in z["prompts"]],
+        ref=load_stats(stats_path if stats_path.is_absolute() else folder / stats_path)[0],
+        reference=str(z["reference"]),
+    )
 
 
 def paired_differences(a: EvalData, b: EvalData, n_boot: int, seed: int) -> dict[str, PairedDiff]:

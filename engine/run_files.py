@@ -102,7 +102,10 @@ class FileStore:
         self._append("layers", layers=layers)
 
     def add_artifact(self, run_id: int, kind: str, path) -> None:
-        self._append("artifact", kind=kind, path=str(path))
+        from engine.file_checks import fingerprint
+
+        size, sha256 = fingerprint(path) if Path(path).is_file() else (None, None)
+        self._append("artifact", kind=kind, path=str(path), size=size, sha256=sha256)
 
     def finish(self, run_id: int, status: str, error: str | None = None) -> None:
         self._append("finish", status=status, error=error)
@@ -174,7 +177,7 @@ def ingest(store: Store, run_id: int) -> list[dict]:
         elif op == "layers":
             store.put_layers(run_id, line["layers"])
         elif op == "artifact":
-            store.add_artifact(run_id, line["kind"], line["path"])
+            store.add_artifact(run_id, line["kind"], line["path"], line.get("size"), line.get("sha256"))
         elif op == "finish":
             store.finish_if_unfinished(run_id, line["status"], line.get("error"))
     with store.db.conn:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from engine.db_check import check_database
+from engine.file_checks import fingerprint
 from engine.protocol import protocol_hash
 
 SCHEMA_VERSION = 2
@@ -105,6 +107,7 @@ class Store:
         if not create and not path.exists():
             raise FileNotFoundError(f"{path}: no database here")
         runs_dir.mkdir(parents=True, exist_ok=True)
+        check_database(path)  # DamagedDatabase before anything writes to a damaged file
         db = sqlite_utils.Database(path)
         db.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         store = cls(db=db, runs_dir=runs_dir)
@@ -112,6 +115,7 @@ class Store:
             retry_busy(db.enable_wal)
             retry_busy(store._migrate)
             retry_busy(store._add_protocol_column)
+            retry_busy(store._add_fingerprint_columns)
         except BaseException:
             db.conn.close()
             raise
@@ -251,6 +255,19 @@ class Store:
                     [(protocol_hash(config or "{}"), run_id) for run_id, config in missing],
                 )
 
+    def _add_fingerprint_columns(self) -> None:
+        """`artifacts.size` and `artifacts.sha256` (what `engine verify` checks a file against),
+        added in place; older rows keep NULL (checked for existence only). Idempotent."""
+        have = self.db["artifacts"].columns_dict
+        for name, kind in (("size", "integer"), ("sha256", "text")):
+            if name not in have:
+                try:
+                    with self.db.conn:
+                        self.db.conn.execute(f"alter table artifacts add column {name} {kind}")
+                except sqlite3.OperationalError as exc:
+                    if "duplicate column" not in str(exc):
+                        raise
+
     def schema_version(self) -> int:
         return int(self.db["meta"].get("schema_version")["value"])
 
@@ -382,11 +399,16 @@ class Store:
         with self.db.conn:
             self.db["layers"].upsert_all(rows, pk=("run_id", "idx"), alter=True)
 
-    def add_artifact(self, run_id: int, kind: str, path: str | Path) -> None:
+    def add_artifact(self, run_id: int, kind: str, path: str | Path, size: int | None = None,
+                     sha256: str | None = None) -> None:
         """Paths inside the runs folder are stored relative to it, so that a moved or copied
-        runs folder still finds its files; others are stored as given."""
+        runs folder still finds its files; others are stored as given. The file's size and
+        sha256 are recorded (computed here unless given) for `engine verify`."""
+        if sha256 is None and Path(path).is_file():
+            size, sha256 = fingerprint(path)
+        row = {"run_id": run_id, "kind": kind, "path": self.relative(path), "size": size, "sha256": sha256}
         with self.db.conn:
-            self.db["artifacts"].insert({"run_id": run_id, "kind": kind, "path": self.relative(path)})
+            self.db["artifacts"].insert(row)
 
     def relative(self, path: str | Path) -> str:
         path = Path(path)

@@ -568,6 +568,14 @@ def main(argv: list[str] | None = None) -> int:
     if runs_dir.exists() and not runs_dir.is_dir():
         print(f"qtui: {runs_dir} is not a directory", file=sys.stderr)
         return 2
+    from engine.db_check import check_database  # sqlite3 only: cheap at start-up
+    from engine.errors import DamagedDatabase
+
+    try:
+        check_database(runs_dir / "qtui.db")
+    except DamagedDatabase as exc:
+        print(f"qtui: error: {exc}", file=sys.stderr)
+        return 2
     if args.images != "halfblock" and sys.stdout.isatty():
         from qtui import images
 

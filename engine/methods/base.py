@@ -9,6 +9,9 @@ Each method is one module of this package that defines `SPEC`, a `MethodSpec`:
   torch-free from its safetensors header (`tensors()` may return None: the worker then checks).
 - `quantize(ctx) -> QuantResult`: quantize `ctx.model.denoiser` in place (simulated weights)
   and return what to store. The module imports torch inside this function only.
+- `prepare_load(denoiser, params, state)` (optional): add to a full-precision denoiser the
+  modules and buffers the method's checkpoint holds besides weights, so that it loads with
+  strict=True (activation quantizers).
 
 The run pipeline calls `engine.methods.quantize_model(ctx)`, whatever the method: adding a
 method adds a module, not a branch.
@@ -74,3 +77,7 @@ class MethodSpec:
     describe: Callable[[dict], str]
     quantize: Callable[[QuantContext], QuantResult]
     check_model: Callable[[dict, Callable[[], object]], None] | None = None
+    # Give a freshly loaded full-precision denoiser what the method adds besides weights
+    # (activation quantizers and their buffers), so that the run's packed checkpoint `state`
+    # loads into it with strict=True (`engine verify`): (denoiser, params, state) -> None.
+    prepare_load: Callable[[Any, dict, dict], None] | None = None

@@ -26,6 +26,15 @@ def check_blocks(params: dict, tensors: Callable[[], object]) -> None:
                                        f"of layer {layer.name}")
 
 
+def prepare_calibrated(method: str):
+    """`MethodSpec.prepare_load` of the calibrated methods: their activation quantizers."""
+    def prepare(denoiser, params: dict, state: dict) -> None:
+        from engine.quant.gptq_method import prepare_quantized
+
+        prepare_quantized(denoiser, method, params)
+    return prepare
+
+
 def quantize_calibrated(ctx: QuantContext) -> QuantResult:
     """Calibrate with the full-precision model, then quantize block by block
     (engine.quant.gptq_method); the calibration statistics are a run artifact."""

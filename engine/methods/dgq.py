@@ -20,10 +20,21 @@ def quantize_activations(ctx: QuantContext, minmax: bool) -> QuantResult:
     return QuantResult(layers=result.layers, packed=result.packed, half=result.half, metrics=result.metrics)
 
 
+def prepare_activations(minmax: bool):
+    """`MethodSpec.prepare_load` of dgq and minmax: group and softmax quantizers shaped as in the
+    checkpoint."""
+    def prepare(denoiser, params: dict, state: dict) -> None:
+        from engine.quant.dgq.calibration import DGQSettings, prepare_quantized
+
+        prepare_quantized(denoiser, DGQSettings.from_params(params, minmax=minmax), state)
+    return prepare
+
+
 SPEC = MethodSpec(
     name="dgq",
     validate=lambda keys: validate_keys("dgq", keys),
     describe=lambda params: describe_keys("dgq", params),
     quantize=lambda ctx: quantize_activations(ctx, minmax=False),
     check_model=check_keys_against_model,
+    prepare_load=prepare_activations(minmax=False),
 )

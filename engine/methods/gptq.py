@@ -4,7 +4,7 @@ optionally with int8 activations (engine.quant.gptq, engine.quant.gptq_method)."
 from __future__ import annotations
 
 from engine.methods.base import BadKey, MethodSpec
-from engine.methods.blocks import check_blocks, quantize_calibrated
+from engine.methods.blocks import check_blocks, prepare_calibrated, quantize_calibrated
 from engine.methods.keys import activations, bits_key, flag, number, positive_int
 
 KEYS = {"bits", "symmetric", "group_size", "damp", "act_order", "block_size", "act_bits", "act_mode", "calibration"}
@@ -36,4 +36,4 @@ def describe(params: dict) -> str:
 
 
 SPEC = MethodSpec(name="gptq", validate=validate, describe=describe, quantize=quantize_calibrated,
-                  check_model=check_blocks)
+                  check_model=check_blocks, prepare_load=prepare_calibrated("gptq"))

@@ -6,7 +6,7 @@ quantizers without its reconstruction)."""
 from __future__ import annotations
 
 from engine.methods.base import MethodSpec
-from engine.methods.dgq import quantize_activations
+from engine.methods.dgq import prepare_activations, quantize_activations
 from engine.methods.dgq_keys import check_keys_against_model, describe_keys, validate_keys
 
 SPEC = MethodSpec(
@@ -15,4 +15,5 @@ SPEC = MethodSpec(
     describe=lambda params: describe_keys("minmax", params),
     quantize=lambda ctx: quantize_activations(ctx, minmax=True),
     check_model=check_keys_against_model,
+    prepare_load=prepare_activations(minmax=True),
 )

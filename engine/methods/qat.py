@@ -57,4 +57,17 @@ def quantize(ctx: QuantContext) -> QuantResult:
     return QuantResult(layers=result.layers, packed=result.packed, metrics=result.metrics)
 
 
-SPEC = MethodSpec(name="qat", validate=validate, describe=describe, quantize=quantize)
+def prepare_load(denoiser, params: dict, state: dict) -> None:
+    """The static int8 input quantizers of the Linear layers whose scale the checkpoint holds."""
+    from torch import nn
+
+    from engine.quant.act_quant import SCALE_BUFFER, add_act_quant
+
+    if params["act_bits"] != 8:
+        return
+    for name, module in denoiser.named_modules():
+        if isinstance(module, nn.Linear) and f"{name}.{SCALE_BUFFER}" in state:
+            add_act_quant(module, 8, "static", absmax=1.0)  # the scale is the checkpoint's
+
+
+SPEC = MethodSpec(name="qat", validate=validate, describe=describe, quantize=quantize, prepare_load=prepare_load)

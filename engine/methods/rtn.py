@@ -7,7 +7,7 @@ quantization and per-layer output errors measured as GPTQ measures them (the GPT
 from __future__ import annotations
 
 from engine.methods.base import BadKey, MethodSpec, QuantContext, QuantResult
-from engine.methods.blocks import check_blocks, quantize_calibrated
+from engine.methods.blocks import check_blocks, prepare_calibrated, quantize_calibrated
 from engine.methods.keys import ROLES, SCOPES, activations, role_bits
 
 KEYS = {"bits", "symmetric", "scope", "act_bits", "act_mode", "calibration"}
@@ -67,4 +67,10 @@ def quantize(ctx: QuantContext) -> QuantResult:
     return QuantResult(layers=report.layers, packed=report.packed, half=report.half)
 
 
-SPEC = MethodSpec(name="rtn", validate=validate, describe=describe, quantize=quantize, check_model=check_model)
+def prepare_load(denoiser, params: dict, state: dict) -> None:
+    if is_calibrated(params):
+        prepare_calibrated("rtn")(denoiser, params, state)
+
+
+SPEC = MethodSpec(name="rtn", validate=validate, describe=describe, quantize=quantize, check_model=check_model,
+                  prepare_load=prepare_load)

@@ -175,9 +175,22 @@ def save_calibration(path: Path, config: dict, tensors: dict[str, torch.Tensor])
 
 
 def load_calibration(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The config and tensors written by `save_calibration`."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if META_KEY not in meta:
-            raise ValueError(f"{path}: not a qtui calibration file (no {META_KEY} metadata)")
-        return json.loads(meta[META_KEY]), {k: f.get_tensor(k) for k in f.keys()}
+    """The config and tensors written by `save_calibration`; `engine.errors.DamagedFile` for a
+    damaged file (its header is checked before safetensors reads it)."""
+    from safetensors import SafetensorError
+
+    from engine.errors import DamagedFile
+    from engine.file_checks import check_safetensors
+
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if META_KEY not in meta:
+                raise DamagedFile(path, f"not a qtui calibration file (no {META_KEY} metadata)")
+            config = json.loads(meta[META_KEY])
+            if not isinstance(config, dict):
+                raise ValueError(f"{META_KEY} metadata is not a JSON object")
+            return config, {k: f.get_tensor(k) for k in f.keys()}
+    except (ValueError, SafetensorError) as exc:
+        raise DamagedFile(path, f"not a valid calibration file: {exc}") from None

@@ -323,15 +323,27 @@ def _quantize(model, method, params, sampling, folder, targets, originals, progr
 
 def requantize(denoiser: nn.Module, path: Path) -> dict[str, GPTQResult]:
     """Re-run GPTQ on a full-precision denoiser from a saved calibration file alone."""
+    from engine.errors import DamagedFile
+    from engine.file_checks import require_tensors
+
     meta, tensors = load_calibration(path)
-    if meta["method"] != "gptq":
-        raise ValueError(f"{path}: calibration of method {meta['method']!r} holds no Hessians")
-    params = meta["params"]
+    if meta.get("method") != "gptq":
+        raise ValueError(f"{path}: calibration of method {meta.get('method')!r} holds no Hessians")
+    params, nsamples = meta.get("params"), meta.get("nsamples")
+    if not isinstance(params, dict) or "bits" not in params or not isinstance(nsamples, dict):
+        raise DamagedFile(path, "its metadata has no GPTQ params and sample counts")
     modules = dict(denoiser.named_modules())
+    unknown = [name for name in nsamples if name not in modules]
+    if unknown:
+        raise DamagedFile(path, f"layer {unknown[0]} is not in the model (calibrated for another model?)")
+    require_tensors(path, tensors, [f"hessian.{name}" for name in nsamples])
     out = {}
-    for name, n in meta["nsamples"].items():
+    for name, n in nsamples.items():
         g = GPTQ(modules[name], name)
-        g.H.copy_(tensors[f"hessian.{name}"])
+        hessian = tensors[f"hessian.{name}"]
+        if hessian.shape != g.H.shape:
+            raise DamagedFile(path, f"hessian.{name} has shape {list(hessian.shape)}, the layer needs {list(g.H.shape)}")
+        g.H.copy_(hessian)
         g.nsamples = n
         out[name] = g.quantize(**{**_gptq_args(params), "bits": params["bits"]})
     return out

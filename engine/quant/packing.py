@@ -318,8 +318,36 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
 
     Quantized weights come back as `dequantize` computes them and their biases as the stored
     float16 values in float32; integer buffers keep their dtype. A file without quantization
-    metadata (e.g. from `save_dense`) loads as a plain state dict.
+    metadata (e.g. from `save_dense`) loads as a plain state dict. A damaged file (truncated,
+    garbage header, missing tensors, metadata that does not match them) raises
+    `engine.errors.DamagedFile` naming the file and what is wrong.
     """
+    return read_packed(path)[0]
+
+
+def load_packed_codes(path: str | Path) -> dict[str, QuantizedTensor]:
+    """The quantized layers of a packed file as stored: codes, scales, zero points (what a
+    requantization must reproduce)."""
+    return read_packed(path, keep_codes=True)[1]
+
+
+def read_packed(path: str | Path, keep_codes: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """(`load_packed`'s state dict, the QuantizedTensor of each layer if `keep_codes`)."""
+    from safetensors import SafetensorError
+
+    from engine.errors import DamagedFile
+    from engine.file_checks import check_safetensors
+
+    header = check_safetensors(path)
+    try:
+        return _read_packed(path, header, keep_codes)
+    except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
+        raise DamagedFile(path, f"not a valid packed checkpoint: {exc}") from None
+
+
+def _read_packed(path, header: dict, keep_codes: bool) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    from engine.file_checks import require_tensors
+
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         info = json.loads(meta[META_KEY]) if META_KEY in meta else None
@@ -333,7 +361,11 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
                 dtypes[key] = t.dtype
                 state[key] = t.float() if t.is_floating_point() else t
         if META_KEY not in meta:
-            return state
+            return state, {}
+        needed = [CODES, SCALES] if layers else []
+        needed += [ZEROS] if any(not sym for _, _, sym, _, _, _ in layers) else []
+        needed += [BIASES] if any(has_bias for *_, has_bias, _ in layers) else []
+        require_tensors(path, header, needed, f" (the metadata lists {len(layers)} quantized layers)")
         for name in _parse_half(info):
             if dtypes.get(f"{name}.weight") != torch.float16:
                 raise ValueError(f"{name} is listed as float16 but {name}.weight is not stored as float16")
@@ -344,6 +376,7 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
                 raise ValueError(f"{key} has dtype {t.dtype}, expected {dtype}")
             readers[key] = _Reader(key, t)
 
+    quantized = {}
     for name, bits, symmetric, shape, has_bias, group in layers:
         channels, numel = shape[0], math.prod(shape)
         grids = channels * (shape[1] // group) if group else channels
@@ -355,6 +388,8 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             zero = readers[ZEROS].take(grids)
         qt = QuantizedTensor(codes.reshape(shape), scale, zero, bits, symmetric, shape, group)
+        if keep_codes:
+            quantized[name] = qt
         owned = {f"{name}.weight": dequantize(qt)}
         if has_bias:
             owned[f"{name}.bias"] = readers[BIASES].take(channels).float()
@@ -364,7 +399,7 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
             state[key] = value
     for reader in readers.values():
         reader.finish()
-    return state
+    return state, quantized
 
 
 def packed_breakdown(path: str | Path) -> dict[str, int]:

@@ -66,7 +66,11 @@ def unpack_memory_codes(codes: torch.Tensor, bits: int, numel: int) -> torch.Ten
 
 def read_packed_layers(path: str | Path) -> list[PackedLayer]:
     """The quantized layers of a packed checkpoint, in file order, with codes in memory layout.
-    ValueError for a layer whose width `REAL_BITS` does not include."""
+    ValueError for a layer whose width `REAL_BITS` does not include; DamagedFile for a damaged
+    file (its header is checked first)."""
+    from engine.file_checks import check_safetensors
+
+    check_safetensors(path)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         if packing.META_KEY not in meta:

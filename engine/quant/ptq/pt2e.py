@@ -160,18 +160,38 @@ def int8_layers(gm: nn.Module) -> int:
 
 def save_checkpoint(gm: nn.Module, path: Path) -> int:
     """Write the converted graph's tensors and activation parameters; read back; check equal."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in graph_tensors(gm).items()}
     meta = {"activations": activation_qparams(gm), "int8_layers": int8_layers(gm)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     tmp.replace(path)
-    loaded = load_file(str(path))
+    loaded, _ = read_checkpoint(path)
     for key, value in tensors.items():
         if not torch.equal(loaded[key], value) or loaded[key].dtype != value.dtype:
             raise RuntimeError(f"{path}: {key} does not read back as the evaluated graph's tensor")
     return os.path.getsize(path)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a `save_checkpoint` file; DamagedFile for a damaged one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from engine.errors import DamagedFile
+    from engine.file_checks import check_safetensors
+
+    header = check_safetensors(path)
+    try:
+        meta = json.loads(header.get("__metadata__", {})[META_KEY])
+        if not isinstance(meta, dict) or not isinstance(meta.get("activations"), list):
+            raise ValueError("no activation parameters in its metadata")
+        return load_file(str(path)), meta
+    except KeyError:
+        raise DamagedFile(path, f"not a PTQ checkpoint (no {META_KEY} metadata)") from None
+    except (ValueError, SafetensorError) as exc:
+        raise DamagedFile(path, f"not a valid PTQ checkpoint: {exc}") from None
 
 
 class PT2ERuntime:
