@@ -68,4 +68,11 @@ def starts_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
     yield from starts_trials(lab, rng, 1 if quick else 3 * rounds, 3 if quick else 4, list(lab.baselines))
 
 
-FAULTS = {"signal": signal_fault, "lock": lock_fault, "load": load_fault, "starts": starts_fault}
+def corrupt_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
+    from bench.fault_lab.corrupt import corrupt_trials
+
+    yield from corrupt_trials(lab, fresh_runs(lab, "corrupt"), rng, rounds, quick)
+
+
+FAULTS = {"signal": signal_fault, "lock": lock_fault, "load": load_fault, "starts": starts_fault,
+          "corrupt": corrupt_fault}
