@@ -21,7 +21,7 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from engine.executor import is_lost, pid_alive
+from engine.executor import HEARTBEAT_EVERY, is_lost, pid_alive
 from engine.store import Store, utc_now
 
 SCHEDULER_DEAD_AFTER = 30.0  # seconds without a scheduler heartbeat: it is gone
@@ -97,6 +97,35 @@ def retire_if_idle(store: Store, token: str, busy: bool) -> bool:
 def unregister(store: Store, token: str) -> None:
     with store.db.conn:
         store.db.conn.execute("delete from schedulers where token = ?", (token,))
+
+
+def fail_vanished_runs(store: Store, own: set[int] = frozenset()) -> list[int]:
+    """Local runs of this host recorded as running whose worker process is gone, with no
+    scheduler left to reap it (its scheduler was killed first): failed, with that reason, so
+    that they are not left `running` (shown as lost) for ever. `own`: this scheduler's
+    children, which `Scheduler.reap` records with their exit status instead. The update is
+    conditional on the same pid, so a worker that records its own outcome meanwhile wins."""
+    host = socket.gethostname()
+    failed = []
+    # Two missed heartbeats as well: the scheduler that started a worker reaps it within a
+    # second and records its exit status, which says more; this is for when none is left.
+    stale = time.time() - 2 * HEARTBEAT_EVERY
+    candidates = rows(store.db.conn, "select id, pid from runs where status = 'running' and host = ? and "
+                                     "coalesce(executor, 'local') = 'local' and coalesce(heartbeat_at, 0) < ?",
+                      [host, stale])
+    for run in candidates:
+        if run["id"] in own or not run["pid"] or pid_alive(run["pid"]):
+            continue
+        with store.db.conn:
+            cur = store.db.conn.execute(
+                "update runs set status = 'failed', finished_at = ?, error = ? "
+                "where id = ? and status = 'running' and pid = ?",
+                (utc_now(), f"its worker (pid {run['pid']}) vanished while no scheduler watched it; re-run it",
+                 run["id"], run["pid"]),
+            )
+        if cur.rowcount:
+            failed.append(run["id"])
+    return failed
 
 
 def release_dead_claims(store: Store) -> list[int]:

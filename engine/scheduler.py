@@ -30,7 +30,7 @@ from pathlib import Path
 
 from engine.executor import LocalExecutor, RunHandle
 from engine.exit_reason import describe_exit, read_tail
-from engine.queue_store import (adopt_slurm_runs, beat, claim_local, claim_slurm_batch, live_schedulers,
+from engine.queue_store import (adopt_slurm_runs, beat, claim_local, claim_slurm_batch, fail_vanished_runs, live_schedulers,
                                 new_token, register_scheduler, release_dead_claims, retire_if_idle, rows,
                                 set_fields, unregister)
 from engine.store import Store
@@ -73,13 +73,22 @@ class Scheduler:
                     say("the database is gone: exiting")
                     return 0
                 self.step()
-                if not self.slurm_runs() and retire_if_idle(self.store, self.token, busy=bool(self.children)):
+                busy = bool(self.children) or self.watching_orphans()
+                if not self.slurm_runs() and retire_if_idle(self.store, self.token, busy=busy):
                     say("queue empty: exiting")
                     return 0
                 time.sleep(self.interval)
         finally:
             unregister(self.store, self.token)
         return 0
+
+    def watching_orphans(self) -> bool:
+        """Local runs of this host running without this scheduler (their scheduler was killed):
+        stay until they end, or until `fail_vanished_runs` finds their worker gone."""
+        mine = set(self.children)
+        running = rows(self.store.db.conn, "select id from runs where status = 'running' and host = ? and "
+                                           "coalesce(executor, 'local') = 'local'", [socket.gethostname()])
+        return any(r["id"] not in mine for r in running)
 
     def step(self) -> None:
         now = time.time()
@@ -91,6 +100,8 @@ class Scheduler:
                 say(f"run {run_id}: its scheduler is gone; claim released")
             for run_id in adopt_slurm_runs(self.store, self.token):
                 say(f"run {run_id}: Slurm run adopted")
+            for run_id in fail_vanished_runs(self.store, set(self.children)):
+                say(f"run {run_id}: its worker vanished while no scheduler watched it: failed")
             self.last_release = now
         self.reap()
         self.start_local()

@@ -302,3 +302,32 @@ def test_ctrl_c_of_engine_run_cancels_only_its_own_runs(tmp_path, test_worker, m
     assert statuses.pop(other["id"]) == "running" and set(statuses.values()) == {"cancelled"}
     assert engine("queue", "cancel", str(other["id"]), "--runs-dir", str(tmp_path / "runs")).returncode == 0
     assert store.get_run(other["id"])["status"] == "cancelled"
+
+
+def test_a_run_whose_worker_vanished_unwatched_is_failed(tmp_path):
+    """Scheduler killed, then its worker: nobody reaped the worker. The next scheduler fails the
+    run (two heartbeats late, pid gone) instead of leaving it `running` for ever; a live worker,
+    a fresh heartbeat and the scheduler's own children are left alone."""
+    import subprocess
+    import sys
+    import time
+
+    from engine.queue_store import fail_vanished_runs
+    from engine.store import Store
+
+    store = Store.open(tmp_path / "runs")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ids = [store.create_run("e", "v", {"sampling": {}}, "h") for _ in range(4)]
+    vanished, fresh, alive, child = ids
+    for run_id in ids:
+        store.mark_running(run_id, pid=gone.pid)
+    store.db["runs"].update(alive, {"pid": __import__("os").getpid()})
+    old = time.time() - 60
+    for run_id in (vanished, alive, child):
+        store.db["runs"].update(run_id, {"heartbeat_at": old})
+    assert fail_vanished_runs(store, own={child}) == [vanished]
+    run = store.get_run(vanished)
+    assert run["status"] == "failed" and f"pid {gone.pid}" in run["error"] and "vanished" in run["error"]
+    assert [store.get_run(i)["status"] for i in (fresh, alive, child)] == ["running"] * 3
+    store.close()

@@ -36,7 +36,7 @@ def signal_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
         from bench.fault_lab.signals import signal_trial
 
         plan = [("worker", "SIGKILL", rng.choice(["quantize", "sampling", "metrics"])),
-                ("worker", "SIGTERM", rng.choice(["load", "sampling"])), ("scheduler", "SIGKILL", "quantize")]
+                ("worker", "SIGTERM", rng.choice(["load", "sampling"])), ("scheduler+worker", "SIGKILL", "sampling")]
         for target, name, stage in plan:
             yield signal_trial(lab, runs, rng, target, name, stage)
         return

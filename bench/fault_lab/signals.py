@@ -8,6 +8,8 @@ What each should do (and the trial checks):
   connection drops); the scheduler and workers finish every run.
 - scheduler: its workers go on and record their own results; SIGKILL or SIGTERM -> `engine run`
   (still watching) starts another scheduler for the queued runs; SIGHUP is ignored.
+- scheduler, then its worker (SIGKILL both): no one reaps the worker; the next scheduler
+  (started by `engine run` for the queued run) fails the run: its worker vanished.
 - qtui: it only reads (and its launcher thread writes whole transactions); nothing is lost.
 Failed and cancelled runs are then re-run (`engine rerun`) and must give the undisturbed numbers.
 """
@@ -26,7 +28,7 @@ from bench.fault_lab.lab import STAGES, Lab
 from engine.executor import pid_alive
 
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGHUP": signal.SIGHUP}
-TARGETS = ("worker", "engine-run", "scheduler", "qtui")
+TARGETS = ("worker", "engine-run", "scheduler", "qtui", "scheduler+worker")
 
 
 @dataclass
@@ -87,6 +89,9 @@ def signal_trial(lab: Lab, runs: Path, rng: random.Random, target: str, name: st
             os.killpg(pid, sig)  # the terminal's session is gone: every process in it hears it
         else:
             os.kill(pid, sig)
+        if target == "scheduler+worker":  # then its worker, with nobody left to reap it
+            time.sleep(0.5)
+            os.kill(lab.query(runs, "select pid from runs where id = ?", (victim,))[0]["pid"], signal.SIGKILL)
         if target == "engine-run":
             engine_run.wait(10)
         else:
@@ -108,6 +113,8 @@ def signal_trial(lab: Lab, runs: Path, rng: random.Random, target: str, name: st
 def target_pid(lab: Lab, runs: Path, target: str, victim: int, engine_run, qtui) -> int | None:
     if target == "worker":
         return lab.query(runs, "select pid from runs where id = ?", (victim,))[0]["pid"]
+    if target == "scheduler+worker":
+        target = "scheduler"
     if target == "engine-run":
         return engine_run.pid
     if target == "qtui":
@@ -121,7 +128,10 @@ def expected_outcome(lab: Lab, runs: Path, target: str, name: str, victim: int, 
     problems = []
     row = lab.query(runs, "select * from runs where id = ?", (victim,))[0]
     status, error = row["status"], row["error"] or ""
-    if target == "worker" and name == "SIGKILL":
+    if target == "scheduler+worker":
+        if status != "done" and not (status == "failed" and ("vanished" in error or "killed by" in error)):
+            problems.append(f"victim run {victim}: {status} ({error!r}), expected failed: its worker vanished")
+    elif target == "worker" and name == "SIGKILL":
         if status != "done" and not (status == "failed" and error.startswith("killed by SIGKILL")):
             problems.append(f"victim run {victim}: {status} ({error!r}), expected failed: killed by SIGKILL")
     elif target == "worker" and name == "SIGTERM":
@@ -148,6 +158,8 @@ def signal_trials(lab: Lab, runs: Path, rng: random.Random, rounds: int, targets
     for _ in range(rounds):
         for name in signals:
             for target in targets:
+                if target == "scheduler+worker" and name != "SIGKILL":
+                    continue  # the scheduler must be gone, not just asked to stop
                 for stage in (worker_stages if target == "worker" else [rng.choice(["quantize", "sampling", "metrics"])]):
                     plan.append((target, name, stage))
     for target, name, stage in plan:
