@@ -27,8 +27,10 @@ from engine.executor import HEARTBEAT_EVERY
 from engine.store import Store
 
 
-class Cancelled(Exception):
-    pass
+class Cancelled(BaseException):
+    """Raised by the SIGTERM handler. A BaseException, as KeyboardInterrupt is: libraries wrap
+    any Exception raised while they import (diffusers' lazy modules turn it into "RuntimeError:
+    Failed to import ..."), which would record a cancelled run as failed."""
 
 
 class Reporter:

@@ -74,5 +74,11 @@ def corrupt_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
     yield from corrupt_trials(lab, fresh_runs(lab, "corrupt"), rng, rounds, quick)
 
 
+def disk_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
+    from bench.fault_lab.disk import disk_trials
+
+    yield from disk_trials(lab, rng, rounds, quick)
+
+
 FAULTS = {"signal": signal_fault, "lock": lock_fault, "load": load_fault, "starts": starts_fault,
-          "corrupt": corrupt_fault}
+          "disk": disk_fault, "corrupt": corrupt_fault}

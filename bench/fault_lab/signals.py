@@ -100,6 +100,8 @@ def signal_trial(lab: Lab, runs: Path, rng: random.Random, target: str, name: st
             verdict.problems.append(f"{detail}: runs still unfinished 240 s after the fault")
         verdict.add(check_database(lab, runs, snapshot))
         verdict.problems += expected_outcome(lab, runs, target, name, victim, ids[1])
+        end = lab.query(runs, "select status, error from runs where id = ?", (victim,))[0]
+        detail += f": {end['status']}" + (f" ({end['error'][:60]})" if end["error"] else "")
         rerun = [i for i in ids if lab.query(runs, "select status from runs where id = ?", (i,))[0]["status"]
                  in ("failed", "cancelled")]
         verdict.problems += rerun_problems(lab, runs, rerun)
