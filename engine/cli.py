@@ -273,9 +273,9 @@ def cmd_export(args) -> int:
     store = open_store(args, create=False)
     text = export(store, args.format, experiment=args.experiment)
     if args.out:
-        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        from engine.atomic_files import write_text
+
+        write_text(args.out, text)
     else:
         sys.stdout.write(text)
     return 0

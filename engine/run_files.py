@@ -23,6 +23,7 @@ import socket
 import time
 from pathlib import Path
 
+from engine.atomic_files import write_text
 from engine.store import Store
 
 JOB_FILE = "job.json"
@@ -37,9 +38,7 @@ def write_job_file(store: Store, run_id: int) -> Path:
     folder = store.runs_dir / run["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     others = [r for r in store.runs(experiment=run["experiment"]) if r["status"] == "done"]
-    tmp = folder / (JOB_FILE + ".tmp")
-    tmp.write_text(json.dumps({"run": run, "experiment_runs": others}, sort_keys=True))
-    tmp.replace(folder / JOB_FILE)
+    write_text(folder / JOB_FILE, json.dumps({"run": run, "experiment_runs": others}, sort_keys=True))
     return folder / JOB_FILE
 
 
