@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import REPO
 from engine.atomic_files import DiskFull, atomic_path, disk_full_errno, write_text
 
 
@@ -91,6 +92,7 @@ FSIZE_CHILD = """
 import resource, sys
 import numpy as np
 from safetensors.numpy import save_file
+from tests.conftest import REPO
 from engine.atomic_files import atomic_path
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 path = sys.argv[1]
@@ -106,7 +108,7 @@ def test_a_file_size_limit_mid_safetensors_write(tmp_path):
     """safetensors (Rust) writes until EFBIG: the final name never appears, nor the temporary."""
     path = tmp_path / "weights.safetensors"
     out = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(path)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert out.stdout.startswith("DiskFull no space left (file size limit exceeded) writing "), out.stdout + out.stderr
     assert str(path) in out.stdout or path.name in out.stdout
     assert list(tmp_path.iterdir()) == []
