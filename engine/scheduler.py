@@ -72,7 +72,8 @@ class Scheduler:
         self.slurm_ended: dict[int, float] = {}  # run id -> when Slurm first said it ended
         self.last_beat = self.last_slurm = self.last_release = 0.0
         self.stopping = False
-        self.trouble: str | None = None  # the database error of the last step, said once
+        self.trouble: str | None = None  # the last failing database write, and when it was said
+        self.trouble_said = 0.0
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -91,8 +92,6 @@ class Scheduler:
                         raise
                     self.troubled(exc)
                     idle = False
-                else:
-                    self.recovered()
                 if idle:
                     say("queue empty: exiting")
                     return 0
@@ -106,15 +105,12 @@ class Scheduler:
         return 0
 
     def troubled(self, exc: BaseException) -> None:
+        """Say a failing database write once a minute (not every step)."""
         text = f"database write failed ({exc}); retrying on the next steps"
-        if text != self.trouble:
+        if text != self.trouble or time.time() - self.trouble_said > 60:
             say(text)
+            self.trouble_said = time.time()
         self.trouble = text
-
-    def recovered(self) -> None:
-        if self.trouble is not None:
-            say("database writable again")
-        self.trouble = None
 
     def step(self) -> None:
         now = time.time()
