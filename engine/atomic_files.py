@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ FULL_WORDS = (
     ("file too large", errno.EFBIG), ("os error 27", errno.EFBIG),
     ("filetoolarge", errno.EFBIG), ("disk quota exceeded", errno.EDQUOT), ("os error 122", errno.EDQUOT),
 )
+SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile: a short write is a full disk
 
 _counter = itertools.count()
 
@@ -76,8 +78,27 @@ def disk_full_errno(exc: BaseException | None) -> int | None:
             for words, code in FULL_WORDS:
                 if words.replace(" ", "") in text:
                     return code
+            if isinstance(exc, OSError) and SHORT_WRITE.search(str(exc)):
+                return errno.ENOSPC
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def past_file_size_limit(paths, margin: int = 1 << 16) -> bool:
+    """Whether one of `paths` has reached this process's file size limit (RLIMIT_FSIZE), less
+    `margin`: SQLite reports EFBIG as a plain "disk I/O error", without the errno."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return False
+    for path in paths:
+        try:
+            if os.path.getsize(path) + margin >= soft:
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def temporary_path(path: Path) -> Path:
@@ -98,11 +119,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
+        code = disk_full_errno(exc)
+        if isinstance(exc, Exception) and past_file_size_limit([tmp], margin=0):
+            code = errno.EFBIG  # numpy says only "N requested and M written"
         try:
             tmp.unlink()
         except OSError:
             pass
-        code = disk_full_errno(exc)
         if code is not None and not isinstance(exc, DiskFull):
             raise DiskFull(path, code) from exc
         raise

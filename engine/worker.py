@@ -15,6 +15,7 @@ head decides between cancelled (the user asked) and failed (Slurm's time limit, 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ import threading
 import time
 import traceback
 
-from engine.atomic_files import REASONS, DiskFull, disk_full_errno
+from engine.atomic_files import REASONS, DiskFull, disk_full_errno, past_file_size_limit
 from engine.executor import HEARTBEAT_EVERY
 from engine.exit_reason import EXIT_NO_SPACE
 from engine.store import Store, db_path
@@ -41,10 +42,19 @@ def momentary(exc: BaseException) -> bool:
         isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text))
 
 
+def full_errno(exc: BaseException, database=None) -> int | None:
+    """`disk_full_errno`, and SQLite's "disk I/O error" of a database at the file size limit."""
+    code = disk_full_errno(exc)
+    if code is None and database is not None and isinstance(exc, sqlite3.OperationalError) \
+            and "disk I/O error" in str(exc) and past_file_size_limit([database, f"{database}-wal"]):
+        code = errno.EFBIG
+    return code
+
+
 def failure_text(exc: BaseException, database=None) -> str:
     """The run's error: a full disk as "no space left ... writing PATH" (the database's path
     for SQLite's "database or disk is full"), else type: message."""
-    code = disk_full_errno(exc)
+    code = full_errno(exc, database)
     if isinstance(exc, DiskFull):
         return str(exc)
     if code is not None and isinstance(exc, sqlite3.Error) and database is not None:
@@ -180,7 +190,7 @@ def run_worker(store: Store, run_id: int, open_store=None) -> int:
         error = failure_text(exc, database_of(store))
         recorded = record_failure(store, run_id, error, reporter)
         reporter.emit(event="failed", error=error)  # the last word of the log: the scheduler reads it
-        if not recorded and disk_full_errno(exc) is not None:
+        if not recorded and full_errno(exc, database_of(store)) is not None:
             return EXIT_NO_SPACE
         return 1
     finally:
@@ -227,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store()
         return run_worker(store, args.run_id, open_store)
     except Exception as exc:  # before the run started, or while recording a cancel
-        if disk_full_errno(exc) is None:
+        database = None if args.remote else db_path(args.runs_dir)
+        if full_errno(exc, database) is None:
             raise
-        say(event="failed", error=failure_text(exc, None if args.remote else db_path(args.runs_dir)))
+        say(event="failed", error=failure_text(exc, database))
         return EXIT_NO_SPACE
     finally:
         if store is not None:

@@ -182,8 +182,136 @@ def test_a_full_disk_under_the_database(tmp_path, tiny_models, mounts):
     assert_files_whole(runs / "run-00001")
 
 
+
+@pytest.mark.parametrize("limit", [48 * 1024, 400 * 1024])
+def test_a_file_size_limit_without_a_mount(tmp_path, tiny_models, limit):
+    """Where no tmpfs can be mounted: RLIMIT_FSIZE on the worker makes every write past the
+    limit fail (EFBIG), whichever file it is (the reference cache, the checkpoint, the
+    database's write-ahead log): the run fails with "no space left (file size limit
+    exceeded) writing PATH", and nothing is torn."""
+    toml = write_toml(tmp_path, tiny_models)
+    worker = json.dumps([sys.executable, str(HERE / "fsize_limit_worker.py")])
+    out = run_a(tmp_path, toml, QTUI_WORKER_COMMAND=worker, FSIZE_LIMIT=str(limit))
+    assert out.returncode == 1, out.stdout + out.stderr
+    runs = tmp_path / "runs"
+    run = the_run(runs)
+    assert run["status"] == "failed"
+    assert run["error"].startswith("no space left (file size limit exceeded) writing runs/"), run["error"]
+    assert integrity(runs / "qtui.db") == ("ok", "2")
+    for folder in (runs / "run-00001", runs / "cache"):
+        if folder.exists():
+            assert_files_whole(folder)
+
+
 def read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+# ---------------------------------------------------------------- the pieces, without a mount
+class FlakyStore:
+    """add_event fails with `error` `fails` times, then works."""
+
+    def __init__(self, error: Exception, fails: int):
+        self.error, self.fails, self.events = error, fails, []
+
+    def add_event(self, run_id, stage, done, total, message):
+        if self.fails:
+            self.fails -= 1
+            raise self.error
+        self.events.append((stage, done, total))
+
+
+def test_progress_survives_a_momentarily_unwritable_database(capsys):
+    from engine.worker import Reporter
+
+    store = FlakyStore(sqlite3.OperationalError("database or disk is full"), fails=2)
+    reporter = Reporter(store, 1, db_interval=0.0)
+    for i in range(4):
+        reporter.progress("sampling", i, 4)
+    assert store.events == [("sampling", 2, 4), ("sampling", 3, 4)]
+    out = capsys.readouterr().out
+    assert "progress not recorded (database or disk is full); retrying" in out
+    assert "progress recorded again" in out
+
+
+def test_progress_fails_the_run_when_the_database_stays_unwritable():
+    from engine.worker import Reporter
+
+    store = FlakyStore(sqlite3.OperationalError("database is locked"), fails=100)
+    reporter = Reporter(store, 1, db_interval=0.0, grace=0.05)
+    reporter.progress("sampling", 0, 4)
+    time.sleep(0.1)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        reporter.progress("sampling", 1, 4)
+
+
+def test_progress_does_not_hide_a_real_error():
+    from engine.worker import Reporter
+
+    reporter = Reporter(FlakyStore(sqlite3.OperationalError("no such table: events"), fails=1), 1)
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        reporter.progress("load", 0, 2)
+
+
+def test_the_failure_text_of_a_full_disk():
+    import errno
+
+    from engine.atomic_files import DiskFull
+    from engine.worker import failure_text
+
+    assert failure_text(sqlite3.OperationalError("database or disk is full"), Path("runs/qtui.db")) == \
+        "no space left on device writing runs/qtui.db"
+    assert failure_text(DiskFull(Path("runs/run-00002/eval.npz"), errno.EFBIG)) == \
+        "no space left (file size limit exceeded) writing runs/run-00002/eval.npz"
+    assert failure_text(OSError(errno.ENOSPC, "No space left on device")) == \
+        "no space left on device: OSError: [Errno 28] No space left on device"
+    assert failure_text(ValueError("bad")) == "ValueError: bad"
+
+
+def test_describe_exit_puts_a_full_disk_first():
+    from engine.exit_reason import describe_exit
+
+    tail = "\n".join([
+        json.dumps({"event": "progress", "stage": "save", "done": 0, "total": 1}),
+        "Traceback (most recent call last):",
+        "engine.atomic_files.DiskFull: no space left on device writing runs/run-00003/samples.safetensors",
+        json.dumps({"event": "log", "message": "could not record the failure in the database: no space left"}),
+        json.dumps({"event": "failed", "error": "no space left on device writing runs/run-00003/samples.safetensors"}),
+    ])
+    assert describe_exit(28, tail) == ("no space left on device writing runs/run-00003/samples.safetensors "
+                                       "(worker exited with code 28 during save 0/1)")
+    assert describe_exit(28, "") == "no space left on device (worker exited with code 28; its log could not be written)"
+    assert describe_exit(1, "RuntimeError: boom") == "worker exited with code 1: RuntimeError: boom"
+
+
+def test_the_scheduler_keeps_a_child_it_cannot_record_yet(tmp_path, capsys):
+    from engine.executor import RunHandle
+    from engine.scheduler import Scheduler
+    from engine.store import Store
+
+    store = Store.open(tmp_path / "runs")
+    run_id = store.create_run("tiny", "A", {"sampling": {}}, "hash")
+    scheduler = Scheduler(store)
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(28)"])
+    process.wait()
+    scheduler.children[run_id] = RunHandle(run_id, tmp_path / "missing.log", process)
+    real, calls = store.finish_if_unfinished, []
+
+    def full_then_fine(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(*args)
+
+    store.finish_if_unfinished = full_then_fine
+    scheduler.reap()
+    assert run_id in scheduler.children and store.get_run(run_id)["status"] == "queued"
+    assert "database write failed (database or disk is full); retrying" in capsys.readouterr().out
+    scheduler.reap()
+    assert run_id not in scheduler.children
+    run = store.get_run(run_id)
+    assert run["status"] == "failed" and run["error"].startswith("no space left on device")
+    store.close()
