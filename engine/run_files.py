@@ -23,7 +23,7 @@ import socket
 import time
 from pathlib import Path
 
-from engine.atomic_files import write_text
+from engine.atomic_files import DiskFull, disk_full_errno, write_text
 from engine.store import Store
 
 JOB_FILE = "job.json"
@@ -55,10 +55,16 @@ class FileStore:
 
     def _append(self, op: str, **fields) -> None:
         line = json.dumps({"op": op, "time": time.time(), **fields}, default=str) + "\n"
-        with open(self.events_path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.events_path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            code = disk_full_errno(exc)
+            if code is None:
+                raise
+            raise DiskFull(self.events_path, code) from exc
 
     # reads: the run itself and the finished runs of its experiment at submission
     def get_run(self, run_id: int) -> dict:
