@@ -39,6 +39,9 @@ FULL_WORDS = (
     ("file too large", errno.EFBIG), ("os error 27", errno.EFBIG),
     ("filetoolarge", errno.EFBIG), ("disk quota exceeded", errno.EDQUOT), ("os error 122", errno.EDQUOT),
 )
+# SQLite's codes for a full disk: SQLITE_FULL, and a shared-memory file (qtui.db-shm) that could
+# not grow (it says only "disk I/O error")
+SQLITE_FULL_NAMES = ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")
 SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile: a short write is a full disk
 
 _counter = itertools.count()
@@ -71,7 +74,7 @@ def disk_full_errno(exc: BaseException | None) -> int | None:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
             return exc.errno
-        if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+        if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorname", None) in SQLITE_FULL_NAMES:
             return errno.ENOSPC
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             text = str(exc).lower().replace(" ", "") if isinstance(exc, Exception) else ""

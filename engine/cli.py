@@ -41,7 +41,10 @@ def open_store(args, create: bool = True, write: bool = True):
         raise UserError(f"{args.runs_dir}: no database yet (run an experiment first)") from None
     except UserError:
         raise
-    except Exception as exc:  # sqlite3 errors: locked, corrupt, not a database
+    except Exception as exc:  # sqlite3 errors: locked, corrupt, not a database, full disk
+        full = no_space_message(exc, args.runs_dir)
+        if full:
+            raise UserError(full) from None
         raise UserError(f"{args.runs_dir}: cannot open the database ({exc})") from None
 
 
@@ -433,6 +436,29 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a full disk under the database or a file this command writes
+        message = no_space_message(exc, getattr(args, "runs_dir", None))
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def no_space_message(exc: BaseException, runs_dir) -> str | None:
+    """"no space left ... writing PATH" for a full disk (the database's path for SQLite's own
+    words), None for any other error."""
+    from engine.atomic_files import DiskFull, disk_full_errno
+
+    code = disk_full_errno(exc)
+    if code is None:
+        return None
+    if isinstance(exc, DiskFull):
+        return str(exc)
+    import sqlite3
+
+    if isinstance(exc, sqlite3.Error) and runs_dir is not None:
+        return str(DiskFull(Path(runs_dir) / "qtui.db", code))
+    return str(DiskFull(getattr(exc, "filename", None) or runs_dir or "?", code))
 
 
 if __name__ == "__main__":

@@ -315,3 +315,26 @@ def test_the_scheduler_keeps_a_child_it_cannot_record_yet(tmp_path, capsys):
     run = store.get_run(run_id)
     assert run["status"] == "failed" and run["error"].startswith("no space left on device")
     store.close()
+
+
+def test_queueing_on_a_full_disk_says_so(tmp_path, tiny_models, mounts):
+    """`engine queue add` when the database cannot grow: one line, exit 2, no run queued, the
+    database intact."""
+    toml = write_toml(tmp_path, tiny_models)
+    runs = tmp_path / "runs"
+    mount_tmpfs(runs, 1024 * 1024)
+    mounts.append(runs)
+    from engine.store import Store
+
+    Store.open(runs).close()
+    from tests.disk_filler_worker import fill
+
+    fill(str(runs / "filler"))
+    out = engine("queue", "add", "tiny", "--experiments", str(toml), "--runs-dir", "runs", cwd=tmp_path,
+                 env={"PYTHONPATH": str(REPO)})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip() == "error: no space left on device writing runs/qtui.db"
+    (runs / "filler").unlink()
+    assert integrity(runs / "qtui.db") == ("ok", "2")
+    with sqlite3.connect(runs / "qtui.db") as conn:
+        assert conn.execute("select count(*) from runs").fetchone()[0] == 0
