@@ -78,10 +78,7 @@ class Reporter:
         self.failing_since: float | None = None  # when progress writes began to fail
 
     def emit(self, **obj) -> None:
-        try:
-            print(json.dumps(obj), flush=True)
-        except OSError:  # the log's disk is full: the database still has the record
-            pass
+        say(**obj)
 
     def progress(self, stage: str, done: int = 0, total: int = 0, message: str = "") -> None:
         now = time.time()
@@ -146,6 +143,7 @@ class Heartbeat(threading.Thread):
 
 
 def say(**obj) -> None:
+    """One JSON line on stdout (the run's log); a full disk under the log is not the run's end."""
     try:
         print(json.dumps(obj), flush=True)
     except OSError:
