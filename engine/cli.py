@@ -22,16 +22,30 @@ def load(args):
     return load_catalogue(args.experiments)
 
 
-def open_store(args, create: bool = True):
+def open_store(args, create: bool = True, write: bool = True):
+    """The store of --runs-dir. A command that writes (`write`) stops first with one line when
+    this user cannot write the folder or its database; one that only reads opens such a
+    database read-only, with a note on stderr (engine/store_access.py)."""
     from engine.store import Store
+    from engine.store_access import open_readonly, write_problem
 
+    problem = write_problem(args.runs_dir)
+    if problem and write:
+        raise UserError(problem)
     try:
+        if problem:
+            store = open_readonly(args.runs_dir)
+            print(f"note: {problem.split(';')[0]}: reading it read-only", file=sys.stderr)
+            return store
         return Store.open(args.runs_dir, create=create)
     except FileNotFoundError:
         raise UserError(f"{args.runs_dir}: no database yet (run an experiment first)") from None
     except UserError:
         raise  # a damaged database: its own message says what to do
-    except Exception as exc:  # sqlite3 errors: locked, corrupt, not a database
+    except Exception as exc:  # sqlite3 errors: locked, corrupt, not a database, full disk
+        full = no_space_message(exc, args.runs_dir)
+        if full:
+            raise UserError(full) from None
         raise UserError(f"{args.runs_dir}: cannot open the database ({exc})") from None
 
 
@@ -44,7 +58,7 @@ def cmd_list(args) -> int:
     catalogue = load(args)
     counts: dict[str, dict[str, int]] = {}
     if (Path(args.runs_dir) / "qtui.db").exists():
-        store = open_store(args)
+        store = open_store(args, write=False)
         for run in store.runs():
             by = counts.setdefault(run["experiment"], {})
             by[run["status"]] = by.get(run["status"], 0) + 1
@@ -128,7 +142,7 @@ def cmd_queue(args) -> int:
     if not (Path(args.runs_dir) / "qtui.db").exists():
         print("the queue is empty (no database yet)")
         return 0
-    store = open_store(args)
+    store = open_store(args, write=False)
     running = [r for r in store.runs(status="running")]
     queued = queued_runs(store)
     table = Table(title=f"queue of {store.runs_dir / 'qtui.db'}")
@@ -147,7 +161,7 @@ def cmd_queue(args) -> int:
     console = Console()
     Console(width=max(console.width, 120)).print(table)
     schedulers = live_schedulers(store)
-    if not schedulers and adopt_candidates(store):  # a scheduler died (killed, reboot): resume
+    if not schedulers and not getattr(store, "read_only", False) and adopt_candidates(store):  # a scheduler died (killed, reboot): resume
         from engine.scheduler import ensure_scheduler
         from engine.settings import load_settings
 
@@ -258,7 +272,7 @@ def cmd_show(args) -> int:
         from engine.paired_runs import expectation_outcomes, main_family
         from engine.protocol import family_hash
 
-        store = open_store(args)
+        store = open_store(args, write=False)
         runs = store.runs(experiment=exp.name)
         if runs:
             family = main_family(runs, family_hash(exp.run_config(next(iter(exp.variants)))))
@@ -320,7 +334,7 @@ def print_expectations(console, results) -> None:
 def cmd_compare(args) -> int:
     from engine.paired_runs import compare_runs
 
-    store = open_store(args, create=False)
+    store = open_store(args, create=False, write=False)
     diffs = compare_runs(store, args.a, args.b)
     a, b = store.get_run(args.a), store.get_run(args.b)
     first = next(iter(diffs.values()))
@@ -337,7 +351,7 @@ def cmd_report(args) -> int:
     from engine.report import write_report
 
     exp = load(args).get(args.name)
-    store = open_store(args, create=False)
+    store = open_store(args, create=False, write=False)
     for path in write_report(store, exp, Path(args.out)):
         print(path)
     return 0
@@ -346,12 +360,12 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from engine.export import export
 
-    store = open_store(args, create=False)
+    store = open_store(args, create=False, write=False)
     text = export(store, args.format, experiment=args.experiment)
     if args.out:
-        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        from engine.atomic_files import write_text
+
+        write_text(args.out, text)
     else:
         sys.stdout.write(text)
     return 0
@@ -507,11 +521,32 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except sqlite3.OperationalError as exc:  # e.g. locked by another process beyond the busy timeout
-        where = Path(getattr(args, "runs_dir", "runs")) / "qtui.db"
-        print(f"error: {where}: {exc} (another process held it longer than the engine waits)"
-              if "locked" in str(exc) else f"error: {where}: {exc}", file=sys.stderr)
+    except Exception as exc:  # a full disk, or a database locked beyond the wait
+        message = no_space_message(exc, getattr(args, "runs_dir", None))
+        if message is None and isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            where = Path(getattr(args, "runs_dir", "runs")) / "qtui.db"
+            message = f"{where}: {exc} (another process held it longer than the engine waits)"
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def no_space_message(exc: BaseException, runs_dir) -> str | None:
+    """"no space left ... writing PATH" for a full disk (the database's path for SQLite's own
+    words), None for any other error."""
+    from engine.atomic_files import DiskFull, disk_full_errno
+
+    code = disk_full_errno(exc)
+    if code is None:
+        return None
+    if isinstance(exc, DiskFull):
+        return str(exc)
+    import sqlite3
+
+    if isinstance(exc, sqlite3.Error) and runs_dir is not None:
+        return str(DiskFull(Path(runs_dir) / "qtui.db", code))
+    return str(DiskFull(getattr(exc, "filename", None) or runs_dir or "?", code))
 
 
 if __name__ == "__main__":

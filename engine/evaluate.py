@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.atomic_files import atomic_path
 from engine.metrics.fid import FeatureStats, bootstrap_counts, fid_bootstrap, frechet_distance, feature_stats
 from engine.metrics.floor import gaussian_floor
 from engine.metrics.kid import kid
@@ -72,9 +73,8 @@ class EvalData:
 
 def save_eval(folder: Path, data: dict) -> Path:
     path = Path(folder) / EVAL_FILE
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{k: v for k, v in data.items() if v is not None})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **{k: v for k, v in data.items() if v is not None})
     return path
 
 

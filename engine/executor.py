@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -76,7 +77,10 @@ class LocalExecutor:
                 start_new_session=True,
                 env=env,
             )
-        store.set_pid(run_id, process.pid)
+        try:
+            store.set_pid(run_id, process.pid)
+        except sqlite3.OperationalError:  # locked or full: the worker records its pid when it starts
+            pass
         return RunHandle(run_id=run_id, log_path=path, process=process)
 
 

@@ -4,13 +4,19 @@
 as `subprocess` reports it; 128 + n: the same through a shell) and the last lines of the
 worker's log (JSON progress lines and plain text) into one line such as
 "killed by SIGKILL (out of memory?) during sampling 40/100" or
-"worker exited with code 1: RuntimeError: CUDA error". Standard library only.
+"worker exited with code 1: RuntimeError: CUDA error". A full disk comes first, in the
+worker's words when its log has them: "no space left on device writing
+runs/run-00003/weights.safetensors (worker exited with code 28 during save 0/1)". Standard
+library only.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+
+EXIT_NO_SPACE = 28  # a worker that could not record its failure because the disk is full (ENOSPC)
+NO_SPACE = "no space left"
 
 HINTS = {"SIGKILL": "out of memory?", "SIGSEGV": "a crash in native code", "SIGBUS": "a crash in native code",
          "SIGABRT": "aborted", "SIGXCPU": "CPU time limit", "SIGTERM": "stopped from outside"}
@@ -54,6 +60,10 @@ def describe_exit(returncode: int | None, log_tail: str = "") -> str:
         name = signal_name(-returncode if returncode < 0 else returncode - 128)
         hint = HINTS.get(name)
         return f"killed by {name}" + (f" ({hint})" if hint else "") + during
+    if returncode and error and error.startswith(NO_SPACE):
+        return f"{error} (worker exited with code {returncode}{during})"
+    if returncode == EXIT_NO_SPACE:
+        return f"{NO_SPACE} on device (worker exited with code {returncode}{during}; its log could not be written)"
     if returncode:
         return f"worker exited with code {returncode}{during}" + (f": {error}" if error else "")
     return "worker exited without recording a result" + during

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.atomic_files import atomic_path
+
 SAMPLES_FILE = "samples.safetensors"
 COMPARISONS_DIR = "comparisons"
 
@@ -30,7 +32,8 @@ def save_samples(path: Path, images_u8: np.ndarray, labels: list[int] | None) ->
     from safetensors.numpy import save_file
 
     labels = [-1] * len(images_u8) if labels is None else labels
-    save_file({"images": np.ascontiguousarray(images_u8), "labels": np.asarray(labels, dtype=np.int64)}, str(path))
+    with atomic_path(path) as tmp:
+        save_file({"images": np.ascontiguousarray(images_u8), "labels": np.asarray(labels, dtype=np.int64)}, str(tmp))
 
 
 def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +70,8 @@ def save_png(canvas: np.ndarray, path: Path, scale: int = 2) -> Path:
     image = Image.fromarray(canvas, mode="L" if canvas.ndim == 2 else "RGB")
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
 
 
@@ -125,4 +129,5 @@ def add_labels(path: Path, labels: list[str], cell: int, pad: int = 1, scale: in
             out.paste(text.convert(out.mode), (left + max(0, (column - text.width) // 2), strip_height - text.height - 2))
         else:
             draw.text((left + (column - w) // 2, 2), label, fill=0, font=font)
-    out.save(path)
+    with atomic_path(path) as tmp:
+        out.save(tmp, format="PNG")

@@ -23,6 +23,7 @@ import socket
 import time
 from pathlib import Path
 
+from engine.atomic_files import DiskFull, disk_full_errno, write_text
 from engine.store import Store
 
 JOB_FILE = "job.json"
@@ -37,9 +38,7 @@ def write_job_file(store: Store, run_id: int) -> Path:
     folder = store.runs_dir / run["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     others = [r for r in store.runs(experiment=run["experiment"]) if r["status"] == "done"]
-    tmp = folder / (JOB_FILE + ".tmp")
-    tmp.write_text(json.dumps({"run": run, "experiment_runs": others}, sort_keys=True))
-    tmp.replace(folder / JOB_FILE)
+    write_text(folder / JOB_FILE, json.dumps({"run": run, "experiment_runs": others}, sort_keys=True))
     return folder / JOB_FILE
 
 
@@ -56,10 +55,16 @@ class FileStore:
 
     def _append(self, op: str, **fields) -> None:
         line = json.dumps({"op": op, "time": time.time(), **fields}, default=str) + "\n"
-        with open(self.events_path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.events_path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            code = disk_full_errno(exc)
+            if code is None:
+                raise
+            raise DiskFull(self.events_path, code) from exc
 
     # reads: the run itself and the finished runs of its experiment at submission
     def get_run(self, run_id: int) -> dict:

@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from engine.exit_reason import describe_exit, read_tail
 from engine.queue_store import (adopt_slurm_runs, beat, claim_local, claim_slurm_batch, fail_vanished_runs, live_schedulers,
                                 new_token, register_scheduler, release_dead_claims, retire_if_idle, rows,
                                 set_fields, unregister)
+from engine.atomic_files import disk_full_errno
 from engine.store import Store
 
 LOG_NAME = "scheduler.log"
@@ -48,7 +50,15 @@ def log_tail(path: Path, lines: int = 5) -> str:
 
 
 def say(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+    try:
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+    except OSError:  # its log's disk is full: the scheduler goes on without it
+        pass
+
+
+def database_trouble(exc: BaseException) -> bool:
+    """A database write that failed for now (locked, full disk, I/O): retried on a later step."""
+    return isinstance(exc, sqlite3.OperationalError) or disk_full_errno(exc) is not None
 
 
 class Scheduler:
@@ -62,6 +72,8 @@ class Scheduler:
         self.slurm_ended: dict[int, float] = {}  # run id -> when Slurm first said it ended
         self.last_beat = self.last_slurm = self.last_release = 0.0
         self.stopping = False
+        self.trouble: str | None = None  # the last failing database write, and when it was said
+        self.trouble_said = 0.0
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -72,14 +84,25 @@ class Scheduler:
                 if not (self.store.runs_dir / "qtui.db").exists():
                     say("the database is gone: exiting")
                     return 0
-                self.step()
-                busy = bool(self.children) or self.watching_orphans()
-                if not self.slurm_runs() and retire_if_idle(self.store, self.token, busy=busy):
+                try:
+                    self.step()
+                    busy = bool(self.children) or self.watching_orphans()
+                    idle = not self.slurm_runs() and retire_if_idle(self.store, self.token, busy=busy)
+                except Exception as exc:
+                    if not database_trouble(exc):
+                        raise
+                    self.troubled(exc)
+                    idle = False
+                if idle:
                     say("queue empty: exiting")
                     return 0
                 time.sleep(self.interval)
         finally:
-            unregister(self.store, self.token)
+            try:
+                unregister(self.store, self.token)
+            except Exception as exc:  # its row goes stale: others see it as dead
+                if not database_trouble(exc):
+                    raise
         return 0
 
     def watching_orphans(self) -> bool:
@@ -89,6 +112,14 @@ class Scheduler:
         running = rows(self.store.db.conn, "select id from runs where status = 'running' and host = ? and "
                                            "coalesce(executor, 'local') = 'local'", [socket.gethostname()])
         return any(r["id"] not in mine for r in running)
+
+    def troubled(self, exc: BaseException) -> None:
+        """Say a failing database write once a minute (not every step)."""
+        text = f"database write failed ({exc}); retrying on the next steps"
+        if text != self.trouble or time.time() - self.trouble_said > 60:
+            say(text)
+            self.trouble_said = time.time()
+        self.trouble = text
 
     def step(self) -> None:
         now = time.time()
@@ -114,7 +145,6 @@ class Scheduler:
             code = handle.poll()
             if code is None:
                 continue
-            del self.children[run_id]
             status = "failed"
             if self.store.get_run(run_id).get("cancel_requested"):
                 # stopped by a cancel whose caller has not recorded it yet
@@ -123,7 +153,15 @@ class Scheduler:
                 error = describe_exit(code, read_tail(handle.log_path))
             else:
                 error = "worker exited without recording a result"
-            if self.store.finish_if_unfinished(run_id, status, error):
+            try:
+                changed = self.store.finish_if_unfinished(run_id, status, error)
+            except Exception as exc:  # kept: recorded on a later step, once the database takes it
+                if not database_trouble(exc):
+                    raise
+                self.troubled(exc)
+                continue
+            del self.children[run_id]
+            if changed:
                 say(f"run {run_id}: {error}")
             else:
                 say(f"run {run_id}: worker exited ({code})")

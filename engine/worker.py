@@ -15,16 +15,53 @@ head decides between cancelled (the user asked) and failed (Slurm's time limit, 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
 import traceback
 
+from engine.atomic_files import REASONS, DiskFull, disk_full_errno, past_file_size_limit
 from engine.executor import HEARTBEAT_EVERY
-from engine.store import Store
+from engine.exit_reason import EXIT_NO_SPACE
+from engine.store import Store, db_path
+
+# How long progress events may fail to be recorded (database locked past its busy timeout, or
+# momentarily full) before the run gives up: progress is a sample, the results are not.
+EVENT_GRACE = 120.0
+
+
+def momentary(exc: BaseException) -> bool:
+    """A write that may succeed if tried again later: the database is busy, or the disk full."""
+    text = str(exc)
+    return disk_full_errno(exc) is not None or (
+        isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text))
+
+
+def full_errno(exc: BaseException, database=None) -> int | None:
+    """`disk_full_errno`, and SQLite's "disk I/O error" of a database at the file size limit."""
+    code = disk_full_errno(exc)
+    if code is None and database is not None and isinstance(exc, sqlite3.OperationalError) \
+            and "disk I/O error" in str(exc) and past_file_size_limit([database, f"{database}-wal"]):
+        code = errno.EFBIG
+    return code
+
+
+def failure_text(exc: BaseException, database=None) -> str:
+    """The run's error: a full disk as "no space left ... writing PATH" (the database's path
+    for SQLite's "database or disk is full"), else type: message."""
+    code = full_errno(exc, database)
+    if isinstance(exc, DiskFull):
+        return str(exc)
+    if code is not None and isinstance(exc, sqlite3.Error) and database is not None:
+        return str(DiskFull(database, code))
+    if code is not None:
+        return f"{REASONS[code]}: {type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Cancelled(BaseException):
@@ -37,12 +74,13 @@ class Reporter:
     """Prints every progress update as a JSON line; writes events to SQLite at most every
     `db_interval` seconds (and always on a stage change), so a fast loop cannot flood it."""
 
-    def __init__(self, store: Store, run_id: int, db_interval: float = 0.5):
-        self.store, self.run_id, self.db_interval = store, run_id, db_interval
+    def __init__(self, store: Store, run_id: int, db_interval: float = 0.5, grace: float = EVENT_GRACE):
+        self.store, self.run_id, self.db_interval, self.grace = store, run_id, db_interval, grace
         self.stage, self.last_write, self.last_print = None, 0.0, 0.0
+        self.failing_since: float | None = None  # when progress writes began to fail
 
     def emit(self, **obj) -> None:
-        print(json.dumps(obj), flush=True)
+        say(**obj)
 
     def progress(self, stage: str, done: int = 0, total: int = 0, message: str = "") -> None:
         now = time.time()
@@ -52,9 +90,26 @@ class Reporter:
             self.emit(event="progress", stage=stage, done=done, total=total, message=message)
             self.last_print = now
         if changed or final or now - self.last_write >= self.db_interval:
-            self.store.add_event(self.run_id, stage, done, total, message)
-            self.last_write = now
+            self.write_event(now, stage, done, total, message)
         self.stage = stage
+
+    def write_event(self, now: float, stage: str, done: int, total: int, message: str) -> None:
+        """Record a progress event; a momentary failure is retried with the next one, for up to
+        `grace` seconds, then raised (a database that stays unwritable fails the run)."""
+        try:
+            self.store.add_event(self.run_id, stage, done, total, message)
+        except Exception as exc:
+            if not momentary(exc) or (self.failing_since is not None and now - self.failing_since > self.grace):
+                raise
+            if self.failing_since is None:
+                self.failing_since = now
+                self.log(f"progress not recorded ({exc}); retrying")
+            self.last_write = now
+            return
+        if self.failing_since is not None:
+            self.log(f"progress recorded again after {now - self.failing_since:.0f} s")
+        self.failing_since = None
+        self.last_write = now
 
     def log(self, message: str) -> None:
         self.emit(event="log", message=message)
@@ -75,14 +130,26 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         store = self.open_store()
+        failing = False
         try:
             while not self.stopped.wait(self.every):
                 try:
                     store.heartbeat(self.run_id)
-                except Exception:  # a busy database: the next beat will do
-                    pass
+                    failing = False
+                except Exception as exc:  # a busy or full database: the next beat will do
+                    if not failing:
+                        say(event="log", message=f"heartbeat not recorded ({exc}); retrying")
+                    failing = True
         finally:
             store.close()
+
+
+def say(**obj) -> None:
+    """One JSON line on stdout (the run's log); a full disk under the log is not the run's end."""
+    try:
+        print(json.dumps(obj), flush=True)
+    except OSError:
+        pass
 
 
 def run_worker(store: Store, run_id: int, open_store=None) -> int:
@@ -110,6 +177,7 @@ def run_worker(store: Store, run_id: int, open_store=None) -> int:
         from engine.pipeline import execute
 
         execute(store, run_id, json.loads(run["config"]), reporter)
+        store.finish(run_id, "done")
     except Cancelled as exc:
         if remote:
             store.signalled(str(exc))
@@ -118,16 +186,38 @@ def run_worker(store: Store, run_id: int, open_store=None) -> int:
         reporter.emit(event="cancelled")
         return 0
     except Exception as exc:  # a crashing run is recorded as failed; the others go on
-        traceback.print_exc(file=sys.stdout)
-        store.finish_if_unfinished(run_id, "failed", f"{type(exc).__name__}: {exc}")
-        reporter.emit(event="failed", error=f"{type(exc).__name__}: {exc}")
+        try:
+            traceback.print_exc(file=sys.stdout)
+        except OSError:
+            pass
+        error = failure_text(exc, database_of(store))
+        recorded = record_failure(store, run_id, error, reporter)
+        reporter.emit(event="failed", error=error)  # the last word of the log: the scheduler reads it
+        if not recorded and full_errno(exc, database_of(store)) is not None:
+            return EXIT_NO_SPACE
         return 1
     finally:
         if heartbeat is not None:
             heartbeat.stopped.set()
-    store.finish(run_id, "done")
     reporter.emit(event="done")
     return 0
+
+
+def database_of(store):
+    """The database file a store writes (None for a remote worker's FileStore)."""
+    return db_path(store.runs_dir) if isinstance(store, Store) else None
+
+
+def record_failure(store, run_id: int, error: str, reporter) -> bool:
+    """Record the run as failed; False when the database cannot be written either (a full
+    disk): the worker then exits non-zero with the error as its log's last line, and the
+    scheduler records it when it can."""
+    try:
+        store.finish_if_unfinished(run_id, "failed", error)
+        return True
+    except Exception as exc:
+        reporter.log(f"could not record the failure in the database: {failure_text(exc, database_of(store))}")
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,11 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         open_store = lambda: FileStore(args.runs_dir, args.run_id)
     else:
         open_store = lambda: Store.open(args.runs_dir, create=False)
-    store = open_store()
+    store = None
     try:
+        store = open_store()
         return run_worker(store, args.run_id, open_store)
+    except Exception as exc:  # before the run started, or while recording a cancel
+        database = None if args.remote else db_path(args.runs_dir)
+        if full_errno(exc, database) is None:
+            raise
+        say(event="failed", error=failure_text(exc, database))
+        return EXIT_NO_SPACE
     finally:
-        store.close()
+        if store is not None:
+            store.close()
 
 
 if __name__ == "__main__":

@@ -576,6 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     except DamagedDatabase as exc:
         print(f"qtui: error: {exc}", file=sys.stderr)
         return 2
+    from engine.store_access import write_problem
+
+    problem = write_problem(runs_dir)
+    if problem:  # qtui queues, cancels and reruns: it needs to write (engine list/show/export only read)
+        print(f"qtui: {problem} (`engine list`, `show` and `export` can read it)", file=sys.stderr)
+        return 2
     if args.images != "halfblock" and sys.stdout.isatty():
         from qtui import images
 

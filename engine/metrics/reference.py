@@ -16,12 +16,12 @@ where the features were available); pytorch-fid ignores extra keys.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from engine.atomic_files import atomic_path
 from engine.metrics.fid import FeatureStats, feature_stats, split_half_floor
 
 # pytorch_fid.fid_score.IMAGE_EXTENSIONS (checked by tests), kept here to stay torch-free
@@ -53,10 +53,9 @@ def save_stats(path: Path, stats: FeatureStats, **extra) -> Path:
     """Write mu and sigma as pytorch-fid does (np.savez_compressed), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # per process: runs write at once
-    np.savez_compressed(tmp, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
-                        **{k: np.float64(v) for k, v in extra.items() if v is not None})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a temporary per process and call: runs write at once
+        np.savez_compressed(tmp, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
+                            **{k: np.float64(v) for k, v in extra.items() if v is not None})
     return path
 
 
@@ -134,9 +133,8 @@ def _cached_features(cached: Path) -> np.ndarray | None:
 
 def _save_features(cached: Path, features: np.ndarray) -> None:
     path = _features_file(cached)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # per process: runs write at once
-    np.save(tmp, np.asarray(features, dtype=np.float32))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a temporary per process and call: runs write at once
+        np.save(tmp, np.asarray(features, dtype=np.float32))
 
 
 def folder_reference(folder: Path, extractor, cache_dir: Path) -> Reference:

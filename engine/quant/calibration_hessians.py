@@ -52,6 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.atomic_files import atomic_path
 from engine.models.loader import TextToImageModel
 from engine.sampling import CALIBRATION, initial_noise, sample_images
 
@@ -167,10 +168,9 @@ def output_error(moments: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor) -> f
 def save_calibration(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> int:
     """Write the calibration statistics atomically (temporary file, then rename)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(plain, str(tmp), metadata={META_KEY: json.dumps(config, sort_keys=True)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(plain, str(tmp), metadata={META_KEY: json.dumps(config, sort_keys=True)})
     return os.path.getsize(path)
 
 

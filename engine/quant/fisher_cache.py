@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.atomic_files import atomic_path
 from engine.models.loader import TextToImageModel
 from engine.quant.fisher import ERROR_KEYS, FisherStats, Sensitivity, error_key
 from engine.quant.roles import quantizable_layers
@@ -67,11 +68,10 @@ class FisherCache:
     def _write(self, path: Path, arrays: dict, meta: dict) -> None:
         from safetensors.numpy import save_file
 
-        tmp = path.with_name(path.name + ".tmp")
         meta = {**meta, "version": str(CACHE_VERSION), "names": json.dumps(self.names),
                 "calibration": json.dumps(self.calibration, sort_keys=True)}
-        save_file(arrays, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(arrays, str(tmp), metadata=meta)
 
     def fisher(self, compute: Callable[[], FisherStats]) -> tuple[FisherStats, bool]:
         """(statistics, whether they came from the cache)."""

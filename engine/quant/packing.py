@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch import nn
 
+from engine.atomic_files import atomic_path
 from engine.quant.rtn import QuantizedTensor, dequantize
 
 META_KEY = "qtui_quant"
@@ -237,7 +238,8 @@ def save_packed(
     a tensor that is not raises ValueError rather than being silently rounded.
     """
     tensors, meta = packed_file(model.state_dict(), packed, half)
-    save_file(tensors, str(path), metadata=meta)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return os.path.getsize(path)
 
 
@@ -443,5 +445,6 @@ def save_dense(path: str | Path, model: nn.Module, dtype: torch.dtype = torch.fl
     """Write the plain state dict with floating tensors in `dtype`; return bytes on disk."""
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
-    save_file(_plain(model.state_dict(), dtype), str(path))
+    with atomic_path(path) as tmp:
+        save_file(_plain(model.state_dict(), dtype), str(tmp))
     return os.path.getsize(path)

@@ -45,6 +45,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from engine.atomic_files import atomic_path, write_text
+
 CHECKPOINT_FILE = "ptq.safetensors"
 GRAPH_FILE = "ptq_graph.txt"  # the converted graph's code (a run artifact, not executed)
 META_KEY = "qtui_ptq"
@@ -164,9 +166,8 @@ def save_checkpoint(gm: nn.Module, path: Path) -> int:
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in graph_tensors(gm).items()}
     meta = {"activations": activation_qparams(gm), "int8_layers": int8_layers(gm)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     loaded, _ = read_checkpoint(path)
     for key, value in tensors.items():
         if not torch.equal(loaded[key], value) or loaded[key].dtype != value.dtype:
@@ -250,7 +251,7 @@ def quantize_pt2e(model, cfg: dict, sampling: dict, folder: Path,
     drop_unused(converted)
     path = Path(folder) / CHECKPOINT_FILE
     save_checkpoint(converted, path)
-    (Path(folder) / GRAPH_FILE).write_text(converted.code)
+    write_text(Path(folder) / GRAPH_FILE, converted.code)
     metrics = {"export_s": export_s, "calibration_s": calibration_s, "quantize_s": time.time() - start,
                "ptq_int8_layers": float(int8_layers(converted))}
     return PT2ERuntime(converted, denoiser.config, flow, batch, example), metrics, path
