@@ -80,5 +80,11 @@ def disk_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
     yield from disk_trials(lab, rng, rounds, quick)
 
 
+def readonly_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
+    from bench.fault_lab.readonly import readonly_trials
+
+    yield from readonly_trials(lab, lab.folder / "baseline-runs", 1 if quick else rounds)
+
+
 FAULTS = {"signal": signal_fault, "lock": lock_fault, "load": load_fault, "starts": starts_fault,
-          "disk": disk_fault, "corrupt": corrupt_fault}
+          "disk": disk_fault, "readonly": readonly_fault, "corrupt": corrupt_fault}

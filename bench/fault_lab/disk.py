@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.fault_lab.invariants import Verdict, check_database, numbers_problems, rerun_problems
 from bench.fault_lab.lab import Lab
 from bench.fault_lab.lock import complaints
-from bench.fault_lab.signals import Outcome, new_run_ids
+from bench.fault_lab.signals import Outcome, new_run_ids, wait_for_stage
 
 
 class SmallDisk:
@@ -116,13 +116,13 @@ def disk_trial(lab: Lab, rng: random.Random, from_start: bool, hold: float = 3.0
                 detail = "disk full before engine run"
             engine_run = lab.engine_run(runs, ["rtn"], out=lab.folder / f"disk-engine-{time.time_ns()}.out")
             if not from_start:
-                span = sum(lab.baselines["rtn"]["stages"].values())
-                moment = rng.uniform(0.5, 3.0 + span)
-                time.sleep(moment)
-                stage = [r for r in lab.runs(runs) if r["id"] not in before]
-                where = lab.last_stage(runs, stage[0]["id"]) if stage else "before the run was queued"
+                stage = rng.choice(["quantize", "calibrate", "sampling", "metrics", "save"])
+                ids = lab.wait_for(lambda: new_run_ids(lab, runs, before), 60)
+                at = bool(ids) and wait_for_stage(lab, runs, ids[0], stage)
+                time.sleep(rng.uniform(0, 0.9 * lab.baselines["rtn"]["stages"].get(stage, 0.0)))
+                where = (lab.last_stage(runs, ids[0]) if at else f"after {stage}") if ids else "no run"
                 filler = fill(disk)
-                detail = f"disk full {moment:.1f} s into the run ({where})"
+                detail = f"disk full during {where}"
                 time.sleep(hold)
                 filler.unlink()
                 filler = None
