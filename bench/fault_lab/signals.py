@@ -90,8 +90,13 @@ def signal_trial(lab: Lab, runs: Path, rng: random.Random, target: str, name: st
         else:
             os.kill(pid, sig)
         if target == "scheduler+worker":  # then its worker, with nobody left to reap it
-            time.sleep(0.5)
-            os.kill(lab.query(runs, "select pid from runs where id = ?", (victim,))[0]["pid"], signal.SIGKILL)
+            time.sleep(0.05)
+            worker = lab.query(runs, "select pid from runs where id = ?", (victim,))[0]["pid"]
+            if not pid_alive(worker):
+                missed = True
+                detail += " (missed: the worker had ended)"
+            else:
+                os.kill(worker, signal.SIGKILL)
         if target == "engine-run":
             engine_run.wait(10)
         else:
