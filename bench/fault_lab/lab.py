@@ -87,6 +87,12 @@ def environment(**extra: str) -> dict:
     return env
 
 
+def default_hangup() -> None:
+    """In the child: SIGHUP back to its default (a campaign started under nohup would pass its
+    SIG_IGN on, and a hangup would then test nothing)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @dataclass
 class Process:
     """A process the lab started in its own session, with its output in a file."""
@@ -142,7 +148,8 @@ class Lab:
         with open(out, "ab") as log:
             popen.setdefault("stdin", subprocess.DEVNULL)
             p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
-                                 env=env or environment(), start_new_session=True, **popen)
+                                 env=env or environment(), start_new_session=True, preexec_fn=default_hangup,
+                                 **popen)
         process = Process(p, out)
         self.started.append(process)
         return process
@@ -172,7 +179,7 @@ class Lab:
         env = environment(TERM="xterm-256color", COLUMNS="160", LINES="50")
         command = [sys.executable, "-m", "qtui.app", "--runs-dir", str(runs), "--experiments", str(self.experiments)]
         p = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, cwd=self.folder, env=env,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=default_hangup)
         os.close(slave)
 
         def drain():
