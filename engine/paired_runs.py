@@ -76,6 +76,23 @@ def load_eval_data(folder: Path) -> EvalData | None:
     )
 
 
+def check_recorded_eval(store: Store, run_id: int, path: Path) -> None:
+    """DamagedFile when the run's per-sample data is not the file the run wrote (its size and
+    sha256 are recorded with the artifact): a changed byte the archive's own checks miss (its
+    local headers, say) must not pass for the run's data either."""
+    from engine.errors import DamagedFile
+    from engine.verify import check_artifact
+
+    if not path.exists():
+        return
+    row = store.db.execute("select size, sha256 from artifacts where run_id = ? and kind = 'eval' "
+                           "order by id desc limit 1", [run_id]).fetchone()
+    if row is not None and row[1] is not None:
+        problem = check_artifact(path, row[0], row[1])
+        if problem:
+            raise DamagedFile(path, problem)
+
+
 def paired_differences(a: EvalData, b: EvalData, n_boot: int, seed: int) -> dict[str, PairedDiff]:
     """metric(a) - metric(b) for each metric both runs have, on shared bootstrap indices."""
     if a.features.shape != b.features.shape or a.prompts != b.prompts:
@@ -122,6 +139,7 @@ def compare_runs(store: Store, id_a: int, id_b: int) -> dict[str, PairedDiff]:
     for run_id, run in runs.items():
         if run["status"] != "done":
             raise UserError(f"run {run_id} is {run['status']}, not done")
+        check_recorded_eval(store, run_id, store.runs_dir / run["folder"] / EVAL_FILE)
         data[run_id] = load_eval_data(store.runs_dir / run["folder"])
         if data[run_id] is None:
             raise UserError(f"run {run_id} has no per-sample data ({EVAL_FILE}); re-run it to compare")

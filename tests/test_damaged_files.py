@@ -512,3 +512,26 @@ def test_verify_loads_qat_dgq_minmax_and_ptq_checkpoints(tmp_path, tiny_models):
     result = verify(runs)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [f"run {i} ok" for i in ids]
+
+
+def test_compare_refuses_eval_data_altered_where_the_archive_does_not_look(finished, tmp_path):
+    """A bit flipped in a zip local header (its copy of the CRC) leaves np.load reading the right
+    arrays; the recorded sha256 still tells `engine compare` the file is not the run's."""
+    import shutil
+
+    _, runs_src, _ = finished
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_src, runs)
+    ok = engine("compare", "1", "2", "--runs-dir", str(runs))
+    assert ok.returncode == 0, ok.stderr
+    path = runs / "run-00002" / "eval.npz"
+    data = bytearray(path.read_bytes())
+    data[15] ^= 0x04  # the local header's CRC-32: the central directory's copy is the one read
+    path.write_bytes(bytes(data))
+    import numpy as np
+
+    with np.load(path) as z:
+        assert len(z.files) > 0 and z[z.files[0]] is not None  # the archive itself still reads
+    bad = engine("compare", "1", "2", "--runs-dir", str(runs))
+    assert bad.returncode == 2
+    assert bad.stderr.startswith(f"error: {path}: sha256 differs") and bad.stderr.count("\n") == 1, bad.stderr
