@@ -14,7 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 from bench.fault_lab.invariants import Verdict, check_database
@@ -70,8 +70,8 @@ def refused(done: subprocess.CompletedProcess, what: str, path_part: str) -> lis
     return problems
 
 
-def readonly_trial(lab: Lab, source: Path, prefix: list[str], which: str) -> Outcome:
-    runs = lab.folder / f"readonly-{which}-runs"
+def readonly_trial(lab: Lab, source: Path, prefix: list[str], which: str, home: Path) -> Outcome:
+    runs = home / f"readonly-{which}-runs"
     if runs.exists():
         set_writable(runs, True)
         shutil.rmtree(runs)
@@ -114,7 +114,15 @@ def readonly_trials(lab: Lab, source: Path, rounds: int):
     if prefix is None:
         print(f"readonly: skipped: {reason}", flush=True)
         return
-    os.chmod(lab.folder, 0o755)  # SQLite checks access(2) on the path, which no capability passes
-    for _ in range(rounds):
-        yield readonly_trial(lab, source, prefix, "folder")
-        yield readonly_trial(lab, source, prefix, "database")
+    # The runs folders go where every user may search the path: SQLite checks the -shm with
+    # access(2), which no capability passes, and the lab may sit below a 0700 folder (pytest's).
+    home = Path(tempfile.mkdtemp(prefix="qtui-faults-readonly-"))
+    os.chmod(home, 0o755)
+    try:
+        for _ in range(rounds):
+            yield readonly_trial(lab, source, prefix, "folder", home)
+            yield readonly_trial(lab, source, prefix, "database", home)
+    finally:
+        for folder in home.iterdir():
+            set_writable(folder, True)
+        shutil.rmtree(home, ignore_errors=True)
