@@ -87,3 +87,16 @@ def test_the_short_campaign_survives_every_fault(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     match = re.fullmatch(r"faults: (\d+) trials, (\d+) survived, lost metrics 0, integrity ok", last)
     assert match and match.group(1) == match.group(2) and int(match.group(1)) >= 6, last
+
+
+def test_engine_rerun_refuses_unknown_and_unfinished_runs(small_db, capsys):
+    from engine.cli import main as engine_main
+
+    store, runs, done = small_db
+    waiting = store.create_run("e", "v", {"sampling": {}}, "h")
+    store.close()
+    args = ["--runs-dir", str(runs), "--experiments", str(runs / "none.toml")]
+    assert engine_main(["rerun", "999", *args]) == 2
+    assert "no run 999" in capsys.readouterr().err
+    assert engine_main(["rerun", str(waiting), *args]) == 2
+    assert f"run {waiting} is queued: nothing to re-run yet" in capsys.readouterr().err
