@@ -14,6 +14,7 @@ Faults (`--only` takes these names):
   disk     the runs folder's filesystem fills up while a worker writes
   readonly a runs folder and a database the user may not write
   corrupt  a truncated or altered checkpoint, calibration file or database
+  fuzz     tests/test_config_fuzz.py with 2,000 examples and a new seed per round
 `--quick` is the CI version: fewer, shorter trials of each (tests/test_faults.py).
 The last line is `faults: N trials, N survived, lost metrics 0, integrity ok` or what failed.
 Each trial's fault and verdict is printed as it ends; `--keep DIR` keeps the lab there.

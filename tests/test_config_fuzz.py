@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -17,8 +18,11 @@ from engine.errors import ConfigError
 
 METHOD_KEYS = ["bits", "symmetric", "scope", "act_bits", "act_mode", "calibration", "group_size", "damp",
                "act_order", "block_size", "strategy", "threshold", "ratio", "k", "budget", "candidates",
-               "groups", "group_thresholds", "measure_sensitivity", "description", "method"]
-METHODS = ["none", "rtn", "gptq", "fisher", "bogus"]
+               "groups", "group_thresholds", "measure_sensitivity", "description", "method",
+               "attn_bits", "log_quant", "start_token_fp", "prompt_scaling", "lr", "steps", "batch_size", "seed"]
+METHODS = ["none", "rtn", "gptq", "fisher", "dgq", "minmax", "qat", "ptq", "bogus"]
+# bench/faults.py --only fuzz runs more examples with other seeds
+EXAMPLES = int(os.environ.get("QTUI_FUZZ_EXAMPLES", "500"))
 MODELS = ["digits-unet", "digits-mmdit"] * 4 + ["digits-classifier", "no-such-model", "."]
 
 
@@ -70,6 +74,8 @@ VALID = {
     "candidates": st.lists(st.sampled_from([2, 4, 6, 8, 16, 32]), max_size=3),
     "groups": st.lists(st.lists(st.sampled_from(["conv_in", "*", "down_blocks.0", "nope"]), max_size=2), max_size=2),
     "group_thresholds": st.lists(st.floats(0, 1), max_size=2),
+    "attn_bits": st.sampled_from([8, 16, 4]), "log_quant": st.booleans(), "start_token_fp": st.booleans(),
+    "prompt_scaling": st.booleans(), "lr": st.floats(0, 0.1),
 }
 
 
@@ -114,7 +120,7 @@ def catalogues(draw) -> str:
     return "\n".join(lines) + "\n"
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=catalogues())
 def test_random_catalogues_load_or_fail_with_a_located_error(tmp_path, text):
     path = tmp_path / "experiments.toml"

@@ -86,5 +86,29 @@ def readonly_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
     yield from readonly_trials(lab, lab.folder / "baseline-runs", 1 if quick else rounds)
 
 
+def fuzz_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
+    """tests/test_config_fuzz.py with more examples and new seeds (the suite runs 500 with
+    hypothesis' own seed; `--quick` leaves it to the suite)."""
+    import subprocess
+    import sys
+
+    from bench.fault_lab.invariants import Verdict
+    from bench.fault_lab.lab import ROOT, environment
+    from bench.fault_lab.signals import Outcome
+
+    if quick:
+        return
+    for _ in range(rounds):
+        seed, examples = rng.randrange(2**31), 2000
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                               str(ROOT / "tests" / "test_config_fuzz.py"), f"--hypothesis-seed={seed}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                              env=environment(QTUI_FUZZ_EXAMPLES=str(examples)))
+        verdict = Verdict()
+        if done.returncode != 0:
+            verdict.problems.append(done.stdout[-1500:])
+        yield Outcome("fuzz", f"{examples} random catalogues x 2 properties, hypothesis seed {seed}", verdict)
+
+
 FAULTS = {"signal": signal_fault, "lock": lock_fault, "load": load_fault, "starts": starts_fault,
-          "disk": disk_fault, "readonly": readonly_fault, "corrupt": corrupt_fault}
+          "disk": disk_fault, "readonly": readonly_fault, "corrupt": corrupt_fault, "fuzz": fuzz_fault}
