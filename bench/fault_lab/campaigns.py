@@ -107,7 +107,7 @@ def fuzz_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
         verdict = Verdict()
         if done.returncode != 0:
             verdict.problems.append(done.stdout[-1500:])
-        yield Outcome("fuzz", f"{examples} random catalogues x 2 properties, hypothesis seed {seed}", verdict)
+        yield Outcome("fuzz", f"{examples} random catalogues, hypothesis seed {seed}", verdict)
 
 
 FAULTS = {"signal": signal_fault, "lock": lock_fault, "load": load_fault, "starts": starts_fault,
