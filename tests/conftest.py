@@ -60,6 +60,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_mmdit(tmp_path_factory) -> Path:
+    """A 2-block MMDiT of width 16 (a few training steps), saved with save_pretrained."""
+    import torch
+
+    from engine.train.digits_mmdit import MMDiTTrainConfig, train_digits_mmdit
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("mmdit") / "digits-mmdit"
+    cfg = MMDiTTrainConfig(steps=3, batch_size=8, num_layers=2, num_heads=2, head_dim=8, text_dim=16)
+    train_digits_mmdit(out, cfg, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """A tiny random StableDiffusionPipeline folder (tests/tiny_pipelines.py)."""
     from tests.tiny_pipelines import build_sd

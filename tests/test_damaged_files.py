@@ -451,7 +451,7 @@ def test_qtui_exits_2_before_starting_on_a_damaged_database(tmp_path, tiny_exper
 
 
 # ------------------------------------------------------------------ engine verify --requantize (GPTQ)
-from tests.test_gptq_method import GPTQ_TOML, tiny_mmdit  # noqa: E402,F401  (the session fixture)
+from tests.test_gptq_method import GPTQ_TOML  # noqa: E402
 
 
 def test_verify_requantize_reproduces_a_gptq_runs_codes(tmp_path, tiny_mmdit, tiny_models):  # noqa: F811

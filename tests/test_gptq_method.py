@@ -56,18 +56,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def tiny_mmdit(tmp_path_factory):
-    """A 2-block MMDiT of width 16 (a few training steps), saved with save_pretrained."""
-    from engine.train.digits_mmdit import MMDiTTrainConfig, train_digits_mmdit
-
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("mmdit") / "digits-mmdit"
-    cfg = MMDiTTrainConfig(steps=3, batch_size=8, num_layers=2, num_heads=2, head_dim=8, text_dim=16)
-    train_digits_mmdit(out, cfg, log=lambda *a: None)
-    return out
-
-
 def load(path):
     from engine.models.loader import load_text_to_image
 
