@@ -22,7 +22,7 @@ import uuid
 from contextlib import contextmanager
 
 from engine.executor import HEARTBEAT_EVERY, is_lost, pid_alive
-from engine.store import Store, utc_now
+from engine.store import BUSY_TIMEOUT_MS, Store, utc_now
 
 SCHEDULER_DEAD_AFTER = 30.0  # seconds without a scheduler heartbeat: it is gone
 
@@ -53,8 +53,8 @@ def new_token() -> str:
 
 # ---------------------------------------------------------------- schedulers
 def register_scheduler(store: Store, token: str, jobs: int, gpus: list[str] | None) -> None:
-    now = time.time()
     with write_lock(store) as conn:
+        now = time.time()  # once the lock is ours: a wait for it must not age the row
         conn.execute(
             "insert or replace into schedulers (token, host, pid, started_at, heartbeat_at, jobs, gpus) "
             "values (?, ?, ?, ?, ?, ?, ?)",
@@ -63,15 +63,20 @@ def register_scheduler(store: Store, token: str, jobs: int, gpus: list[str] | No
 
 
 def beat(store: Store, token: str) -> None:
-    with store.db.conn:
-        store.db.conn.execute("update schedulers set heartbeat_at = ? where token = ?", (time.time(), token))
+    with write_lock(store) as conn:
+        conn.execute("update schedulers set heartbeat_at = ? where token = ?", (time.time(), token))
 
 
 def scheduler_alive(row: dict, now: float | None = None) -> bool:
+    """On this host: its process exists (and it beat within the longest a write may wait for a
+    lock, so a reused pid does not keep a dead row alive); a scheduler waiting out another
+    process's lock cannot beat, and must not be taken for dead meanwhile. Elsewhere: it beat
+    within SCHEDULER_DEAD_AFTER seconds."""
     now = time.time() if now is None else now
-    if row["host"] == socket.gethostname() and not pid_alive(row["pid"]):
-        return False
-    return now - (row["heartbeat_at"] or 0) < SCHEDULER_DEAD_AFTER
+    age = now - (row["heartbeat_at"] or 0)
+    if row["host"] == socket.gethostname():
+        return pid_alive(row["pid"]) and age < BUSY_TIMEOUT_MS / 1000 + SCHEDULER_DEAD_AFTER
+    return age < SCHEDULER_DEAD_AFTER
 
 
 def live_schedulers(store: Store) -> list[dict]:

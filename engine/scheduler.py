@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.executor import LocalExecutor, RunHandle
+from engine.executor import LocalExecutor, RunHandle, pid_alive
 from engine.exit_reason import describe_exit, read_tail
 from engine.queue_store import (adopt_slurm_runs, beat, claim_local, claim_slurm_batch, fail_vanished_runs, live_schedulers,
                                 new_token, register_scheduler, release_dead_claims, retire_if_idle, rows,
@@ -146,7 +146,15 @@ class Scheduler:
             if code is None:
                 continue
             status = "failed"
-            if self.store.get_run(run_id).get("cancel_requested"):
+            run = self.store.get_run(run_id)
+            holder = run.get("pid")
+            if run["status"] == "running" and holder and holder != handle.process.pid and pid_alive(holder):
+                # this worker found the run taken (a second launch after a claim was released)
+                # and left it alone; the run belongs to the live worker that holds it
+                del self.children[run_id]
+                say(f"run {run_id}: worker {handle.process.pid} exited ({code}); the run is held by pid {holder}")
+                continue
+            if run.get("cancel_requested"):
                 # stopped by a cancel whose caller has not recorded it yet
                 status, error = "cancelled", "cancelled by the user"
             elif code != 0:

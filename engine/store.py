@@ -338,8 +338,11 @@ class Store:
         return cur.rowcount > 0
 
     def set_pid(self, run_id: int, pid: int) -> None:
+        """The launched worker's pid, while the run waits for it: a run already running keeps
+        the pid of the worker that holds it (a second launch only finds it taken)."""
         with self.db.conn:
-            self.db["runs"].update(run_id, {"pid": pid, "host": socket.gethostname()})
+            self.db.conn.execute("update runs set pid = ?, host = ? where id = ? and status = 'queued'",
+                                 (pid, socket.gethostname(), run_id))
 
     def finish(self, run_id: int, status: str, error: str | None = None) -> None:
         if status not in FINISHED:

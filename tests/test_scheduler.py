@@ -331,3 +331,30 @@ def test_a_run_whose_worker_vanished_unwatched_is_failed(tmp_path):
     assert run["status"] == "failed" and f"pid {gone.pid}" in run["error"] and "vanished" in run["error"]
     assert [store.get_run(i)["status"] for i in (fresh, alive, child)] == ["running"] * 3
     store.close()
+
+
+def test_a_scheduler_waiting_out_a_lock_is_not_taken_for_dead(tmp_path):
+    """A scheduler blocked 30 s on another process's write lock cannot beat; on its own host it
+    is alive while its process is (its claims must not be released and launched again), and a
+    second launch of a running run does not overwrite the pid of the worker that holds it."""
+    import os
+    import socket
+    import time
+
+    from engine.queue_store import SCHEDULER_DEAD_AFTER, scheduler_alive
+    from engine.store import Store
+
+    now = time.time()
+    here = {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat_at": now - 2 * SCHEDULER_DEAD_AFTER}
+    assert scheduler_alive(here, now)
+    assert not scheduler_alive({**here, "heartbeat_at": now - 3600}, now)  # a reused pid of a long-dead row
+    assert not scheduler_alive({**here, "host": "elsewhere"}, now)
+
+    store = Store.open(tmp_path / "runs")
+    run_id = store.create_run("e", "v", {"sampling": {}}, "h")
+    store.set_pid(run_id, 111)
+    assert store.get_run(run_id)["pid"] == 111  # queued: the launched worker's pid
+    store.mark_running(run_id, pid=222)
+    store.set_pid(run_id, 333)  # a second launch finds the run taken
+    assert store.get_run(run_id)["pid"] == 222
+    store.close()
