@@ -109,7 +109,7 @@ def chosen_runs(args):
 def cmd_run(args) -> int:
     from rich.console import Console
 
-    from engine.runner import results_table, run_experiment
+    from engine.runner import run_experiment
 
     experiment, variants, launch = chosen_runs(args)
     console = Console()
@@ -118,8 +118,16 @@ def cmd_run(args) -> int:
         ids = run_experiment(store, experiment, variants, args.samples, launch["jobs"], console, launch)
     except KeyboardInterrupt:
         return 130
-    wide = Console(width=max(console.width, TABLE_WIDTH))
-    wide.print(results_table(store, ids, f"{experiment.name} ({store.runs_dir / 'qtui.db'})"))
+    return show_outcome(store, ids, f"{experiment.name} ({store.runs_dir / 'qtui.db'})", console)
+
+
+def show_outcome(store, ids: list[int], title: str, console) -> int:
+    """The results table of the runs, then each one that did not finish done; 1 if any."""
+    from rich.console import Console
+
+    from engine.runner import results_table
+
+    Console(width=max(console.width, TABLE_WIDTH)).print(results_table(store, ids, title))
     failed = [r for r in (store.get_run(i) for i in ids) if r["status"] != "done"]
     for run in failed:
         console.print(f"[red]{run['variant']}: {run['status']}: {run['error']}[/red]")
@@ -215,7 +223,7 @@ def cmd_rerun(args) -> int:
     from rich.console import Console
 
     from engine.executor import display_status
-    from engine.runner import follow_runs, launch_options, requeue, results_table
+    from engine.runner import follow_runs, launch_options, requeue
     from engine.scheduler import ensure_scheduler
     from engine.settings import load_settings
 
@@ -232,11 +240,11 @@ def cmd_rerun(args) -> int:
     jobs = args.jobs if args.jobs is not None else settings.jobs
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
-    launch = launch_options("local", jobs)
+    launch = launch_options("local", jobs, settings.gpus)
     ids = [requeue(store, run, launch) for run in originals]
     for old, new in zip(originals, ids):
         print(f"run {new}: re-run of run {old['id']} ({old['experiment']}/{old['variant']})")
-    ensure_scheduler(store.runs_dir, jobs, None, store)
+    ensure_scheduler(store.runs_dir, jobs, launch.get("gpus"), store)
     if args.no_wait:
         return 0
     console = Console()
@@ -244,11 +252,7 @@ def cmd_rerun(args) -> int:
         follow_runs(store, ids, launch, console)
     except KeyboardInterrupt:
         return 130
-    Console(width=max(console.width, TABLE_WIDTH)).print(results_table(store, ids, f"re-runs ({store.runs_dir / 'qtui.db'})"))
-    failed = [r for r in (store.get_run(i) for i in ids) if r["status"] != "done"]
-    for run in failed:
-        console.print(f"[red]{run['variant']}: {run['status']}: {run['error']}[/red]")
-    return 1 if failed else 0
+    return show_outcome(store, ids, f"re-runs ({store.runs_dir / 'qtui.db'})", console)
 
 
 def cmd_show(args) -> int:
@@ -293,7 +297,7 @@ def cmd_verify(args) -> int:
     from engine.store import db_path
     from engine.verify import verify_run
 
-    store = open_store(args, create=False)
+    store = open_store(args, create=False, write=False)
     by_id = {r["id"]: r for r in store.runs(experiment=args.experiment)}
     if args.run:
         missing = [i for i in args.run if i not in by_id]

@@ -56,6 +56,8 @@ def _check(path: Path) -> None:
         if wal:
             raise DamagedDatabase(path, f"the file is empty but its write-ahead log {path.name}-wal holds {wal} bytes")
         return
+    if len(head) < 100 and MAGIC.startswith(head[:16]):  # cut inside the header itself
+        raise DamagedDatabase(path, f"truncated: {size} bytes, shorter than SQLite's 100-byte header")
     if not head.startswith(MAGIC):
         raise DamagedDatabase(path, "not an SQLite database: its header is wrong (overwritten?)")
     if len(head) < 100:

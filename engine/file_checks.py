@@ -20,6 +20,7 @@ import json
 import math
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 from engine.errors import DamagedFile
@@ -114,7 +115,8 @@ def check_npz(path: str | Path, required=()) -> dict:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, NotImplementedError, RuntimeError,
+            zlib.error) as exc:  # a flipped bit can claim a zip version, encryption or a codec
         raise DamagedFile(path, f"damaged .npz ({_npz_problem(path, exc)})") from None
     missing = [k for k in required if k not in arrays]
     if missing:

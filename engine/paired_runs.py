@@ -81,15 +81,14 @@ def check_recorded_eval(store: Store, run_id: int, path: Path) -> None:
     sha256 are recorded with the artifact): a changed byte the archive's own checks miss (its
     local headers, say) must not pass for the run's data either."""
     from engine.errors import DamagedFile
-    from engine.verify import check_artifact
+    from engine.verify import fingerprint_problem
 
     if not path.exists():
         return
-    row = store.db.execute("select size, sha256 from artifacts where run_id = ? and kind = 'eval' "
-                           "order by id desc limit 1", [run_id]).fetchone()
-    if row is not None and row[1] is not None:
-        problem = check_artifact(path, row[0], row[1])
-        if problem:
+    recorded = [a for a in store.artifacts(run_id) if a["kind"] == "eval"]
+    if recorded:
+        problem = fingerprint_problem(path, recorded[-1].get("size"), recorded[-1].get("sha256"))
+        if problem:  # parsing is load_eval_data's
             raise DamagedFile(path, problem)
 
 

@@ -115,11 +115,12 @@ def fail_vanished_runs(store: Store, own: set[int] = frozenset()) -> list[int]:
     # Two missed heartbeats as well: the scheduler that started a worker reaps it within a
     # second and records its exit status, which says more; this is for when none is left.
     stale = time.time() - 2 * HEARTBEAT_EVERY
-    candidates = rows(store.db.conn, "select id, pid from runs where status = 'running' and host = ? and "
-                                     "coalesce(executor, 'local') = 'local' and coalesce(heartbeat_at, 0) < ?",
+    candidates = rows(store.db.conn, "select id, pid, claimed_by from runs where status = 'running' and host = ? "
+                                     "and coalesce(executor, 'local') = 'local' and coalesce(heartbeat_at, 0) < ?",
                       [host, stale])
+    watched = {r["token"] for r in live_schedulers(store)}  # their scheduler reaps them
     for run in candidates:
-        if run["id"] in own or not run["pid"] or pid_alive(run["pid"]):
+        if run["id"] in own or run["claimed_by"] in watched or not run["pid"] or pid_alive(run["pid"]):
             continue
         with store.db.conn:
             cur = store.db.conn.execute(

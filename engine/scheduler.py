@@ -34,7 +34,7 @@ from engine.exit_reason import describe_exit, read_tail
 from engine.queue_store import (adopt_slurm_runs, beat, claim_local, claim_slurm_batch, fail_vanished_runs, live_schedulers,
                                 new_token, register_scheduler, release_dead_claims, retire_if_idle, rows,
                                 set_fields, unregister)
-from engine.atomic_files import disk_full_errno
+from engine.worker import momentary
 from engine.store import Store
 
 LOG_NAME = "scheduler.log"
@@ -57,8 +57,9 @@ def say(message: str) -> None:
 
 
 def database_trouble(exc: BaseException) -> bool:
-    """A database write that failed for now (locked, full disk, I/O): retried on a later step."""
-    return isinstance(exc, sqlite3.OperationalError) or disk_full_errno(exc) is not None
+    """A database write that failed for now (locked, busy, full disk, I/O): retried on a later
+    step. Anything else (a missing table, a bug) is raised."""
+    return momentary(exc) or (isinstance(exc, sqlite3.OperationalError) and "disk I/O error" in str(exc))
 
 
 class Scheduler:
@@ -106,12 +107,15 @@ class Scheduler:
         return 0
 
     def watching_orphans(self) -> bool:
-        """Local runs of this host running without this scheduler (their scheduler was killed):
-        stay until they end, or until `fail_vanished_runs` finds their worker gone."""
-        mine = set(self.children)
-        running = rows(self.store.db.conn, "select id from runs where status = 'running' and host = ? and "
-                                           "coalesce(executor, 'local') = 'local'", [socket.gethostname()])
-        return any(r["id"] not in mine for r in running)
+        """Local runs of this host running with no live scheduler (theirs was killed): stay until
+        they end, or until `fail_vanished_runs` finds their worker gone."""
+        running = rows(self.store.db.conn, "select id, claimed_by from runs where status = 'running' and "
+                                           "host = ? and coalesce(executor, 'local') = 'local'", [socket.gethostname()])
+        orphans = [r for r in running if r["id"] not in self.children]
+        if not orphans:
+            return False
+        watched = {r["token"] for r in live_schedulers(self.store)}
+        return any(r["claimed_by"] not in watched for r in orphans)
 
     def troubled(self, exc: BaseException) -> None:
         """Say a failing database write once a minute (not every step)."""

@@ -89,7 +89,10 @@ def open_readonly(runs_dir: str | Path):
             tables = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
             if not {"meta", "runs"} <= tables:
                 raise UserError(f"{path}: not a qtui database (no runs table)")
-            version = int(conn.execute("select value from meta where key = 'schema_version'").fetchone()[0])
+            row = conn.execute("select value from meta where key = 'schema_version'").fetchone()
+            if row is None or not str(row[0]).isdigit():
+                raise UserError(f"{path}: not a qtui database (no schema version)")
+            version = int(row[0])
             columns = {r[1] for r in conn.execute("pragma table_info(runs)")}
         except BaseException:
             conn.close()

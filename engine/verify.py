@@ -58,17 +58,27 @@ def _shown(path: Path, folder: Path, runs_dir: Path) -> str:
     return str(path)
 
 
+def fingerprint_problem(path: Path, size: int | None, sha256: str | None) -> str | None:
+    """How the file differs from the size and sha256 recorded when the run wrote it, or None
+    (also when nothing was recorded)."""
+    if sha256 is None:
+        return None
+    actual_size, actual_sha = fingerprint(path)
+    if size is not None and actual_size != size:
+        return (f"{actual_size} bytes, {size} when the run wrote it "
+                f"({'truncated' if actual_size < size else 'altered'} after the run)")
+    if actual_sha != sha256:
+        return "sha256 differs from the recorded one (altered after the run)"
+    return None
+
+
 def check_artifact(path: Path, size: int | None, sha256: str | None) -> str | None:
     """What is wrong with one artifact file, or None."""
     if not path.is_file():
         return "missing"
-    if sha256 is not None:
-        actual_size, actual_sha = fingerprint(path)
-        if size is not None and actual_size != size:
-            return (f"{actual_size} bytes, {size} when the run wrote it "
-                    f"({'truncated' if actual_size < size else 'altered'} after the run)")
-        if actual_sha != sha256:
-            return "sha256 differs from the recorded one (altered after the run)"
+    problem = fingerprint_problem(path, size, sha256)
+    if problem:
+        return problem
     try:
         parse(path)
     except DamagedFile as exc:
@@ -102,7 +112,7 @@ def _load_model(run: dict):
 
 def check_loads_into_model(run: dict, checkpoint: Path) -> list[str]:
     """The checkpoint, through `load_packed`, into the run's freshly loaded model (strict)."""
-    from engine.methods import method_spec
+    from engine.methods import load_quantized
     from engine.quant.packing import load_packed
 
     try:
@@ -113,11 +123,8 @@ def check_loads_into_model(run: dict, checkpoint: Path) -> list[str]:
         config, model = _load_model(run)
     except Exception as exc:  # the model folder moved or is damaged: cannot check the fit
         return [f"cannot be checked against the run's model ({type(exc).__name__}: {exc})"]
-    prepare = method_spec(config.method).prepare_load
     try:
-        if prepare is not None:
-            prepare(model.denoiser, config.params, state)
-        model.denoiser.load_state_dict(state, strict=True)
+        load_quantized(model.denoiser, config.method, config.params, state)
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()
         return [f"does not load into the run's model ({' '.join(line.strip() for line in first[:3])})"]
@@ -149,5 +156,3 @@ def check_requantized(run: dict, checkpoint: Path, calibration: Path) -> list[st
     return []
 
 
-def verify(store: Store, runs: list[dict], requantize: bool = False) -> list[tuple[dict, list[str]]]:
-    return [(run, verify_run(store, run, requantize)) for run in runs]

@@ -5,7 +5,6 @@ file exits 0 or 2 (never a traceback)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 from engine.cli import main as engine_main
 from engine.config import EXPERIMENT_DEFAULTS, load_catalogue
 from engine.errors import ConfigError
+from qtui.toml_text import value as toml_value  # the TOML writer qtui's launch dialog uses
 
 METHOD_KEYS = ["bits", "symmetric", "scope", "act_bits", "act_mode", "calibration", "group_size", "damp",
                "act_order", "block_size", "strategy", "threshold", "ratio", "k", "budget", "candidates",
@@ -24,26 +24,6 @@ METHODS = ["none", "rtn", "gptq", "fisher", "dgq", "minmax", "qat", "ptq", "bogu
 # bench/faults.py --only fuzz runs more examples with other seeds
 EXAMPLES = int(os.environ.get("QTUI_FUZZ_EXAMPLES", "500"))
 MODELS = ["digits-unet", "digits-mmdit"] * 4 + ["digits-classifier", "no-such-model", "."]
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
 
 
 scalars = st.one_of(

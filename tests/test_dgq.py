@@ -309,7 +309,7 @@ def test_images_come_from_the_stored_dgq_checkpoint(finished, tiny_models):
     from engine.grids import load_samples, to_uint8
     from engine.models.loader import load_text_to_image
     from engine.quant import load_packed
-    from engine.quant.dgq.calibration import DGQSettings, prepare_quantized
+    from engine.methods import load_quantized
     from engine.sampling import initial_noise, sample_images
 
     _, store = finished
@@ -324,8 +324,7 @@ def test_images_come_from_the_stored_dgq_checkpoint(finished, tiny_models):
     full_precision = to_uint8(sample_images(model, *args)).astype(int)
     state = load_packed(folder / "weights.safetensors")
     assert {"conv_in.dgq_scale", "conv_in.dgq_group"} <= set(state)
-    prepare_quantized(model.denoiser, DGQSettings.from_params(config["params"]), state)
-    model.denoiser.load_state_dict(state, strict=True)
+    load_quantized(model.denoiser, "dgq", config["params"], state)
     quantized = to_uint8(sample_images(model, *args)).astype(int)
     assert np.abs(quantized - stored.astype(int)).max() <= 1
     assert np.abs(full_precision - stored.astype(int)).max() > 1

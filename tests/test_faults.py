@@ -55,6 +55,7 @@ def test_a_lost_metric_and_a_changed_one_are_counted(small_db):
     verdict = check_database(lab, runs, before)
     assert verdict.lost_metrics == 2
     assert any("fid committed before the fault is gone" in p for p in verdict.problems)
+    assert any("kid changed from 0.25 to 0.5" in p for p in verdict.problems)
 
 
 def test_a_run_left_running_with_no_process_is_a_problem(small_db):

@@ -344,8 +344,8 @@ def test_engine_run_records_gptq_and_rtn_with_int8_activations(finished):
 def test_images_come_from_the_stored_gptq_checkpoint(finished, tiny_mmdit):
     from engine.data.digits import eval_labels, prompt_for
     from engine.grids import load_samples, to_uint8
+    from engine.methods import load_quantized
     from engine.quant import load_packed
-    from engine.quant.gptq_method import prepare_quantized
     from engine.sampling import initial_noise, sample_images
 
     _, store = finished
@@ -358,8 +358,7 @@ def test_images_come_from_the_stored_gptq_checkpoint(finished, tiny_mmdit):
     noise = initial_noise(10, model.sample_shape, config["sampling"]["seed"])
     args = (prompts, noise, config["sampling"]["steps"], config["sampling"]["guidance"], 10)
     full_precision = to_uint8(sample_images(model, *args)).astype(int)
-    prepare_quantized(model.denoiser, "gptq", config["params"])
-    model.denoiser.load_state_dict(load_packed(folder / "weights.safetensors"), strict=True)
+    load_quantized(model.denoiser, "gptq", config["params"], load_packed(folder / "weights.safetensors"))
     quantized = to_uint8(sample_images(model, *args)).astype(int)
     assert np.abs(quantized - stored.astype(int)).max() <= 1
     assert np.abs(full_precision - stored.astype(int)).max() > 1

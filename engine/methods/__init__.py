@@ -58,5 +58,15 @@ def quantize_model(ctx: QuantContext) -> QuantResult:
     return method_spec(ctx.run.method).quantize(ctx)
 
 
+def load_quantized(denoiser, method: str, params: dict, state: dict) -> None:
+    """Load a run's stored state (`engine.quant.load_packed`) into a freshly loaded
+    full-precision denoiser, strictly: the method first adds what the state expects (its
+    activation quantizers, DGQ's group scales)."""
+    prepare = method_spec(method).prepare_load
+    if prepare is not None:
+        prepare(denoiser, params, state)
+    denoiser.load_state_dict(state, strict=True)
+
+
 __all__ = ["BadKey", "METHODS", "ROLES", "MethodSpec", "QuantContext", "QuantResult", "check_against_model",
-           "describe_bits", "method_spec", "quantize_model", "validate_method"]
+           "describe_bits", "load_quantized", "method_spec", "quantize_model", "validate_method"]

@@ -344,8 +344,11 @@ def requantize(denoiser: nn.Module, path: Path) -> dict[str, GPTQResult]:
         if hessian.shape != g.H.shape:
             raise DamagedFile(path, f"hessian.{name} has shape {list(hessian.shape)}, the layer needs {list(g.H.shape)}")
         g.H.copy_(hessian)
-        g.nsamples = n
-        out[name] = g.quantize(**{**_gptq_args(params), "bits": params["bits"]})
+        try:
+            g.nsamples = int(n)
+            out[name] = g.quantize(**{**_gptq_args(params), "bits": params["bits"]})
+        except (KeyError, TypeError, ValueError) as exc:  # metadata of the wrong shape or type
+            raise DamagedFile(path, f"bad GPTQ metadata for {name}: {type(exc).__name__}: {exc}") from None
     return out
 
 
