@@ -33,15 +33,15 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save, save_file
 from torch import nn
 
-from engine.atomic_files import atomic_path
 from engine.quant.rtn import QuantizedTensor, dequantize
+from engine.quant.safetensors_stream import Entry, file_size, state_entries, tensor_entry
+from engine.quant.safetensors_stream import write as stream_write
 
 META_KEY = "qtui_quant"
 FORMAT_VERSION = 3
@@ -139,18 +139,6 @@ def _unpack_v2(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return values.reshape(-1)[:numel].to(torch.uint8)
 
 
-def _plain(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """CPU contiguous tensors, floating ones cast to `dtype`; tied tensors get their own copy."""
-    out, seen = {}, set()
-    for key, t in state.items():
-        t = t.detach().cpu()
-        t = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        out[key] = t.clone() if ptr in seen else t  # safetensors refuses shared storage
-        seen.add(ptr)
-    return out
-
-
 def _packed_in_model_order(
     state: dict[str, torch.Tensor], packed: dict[str, QuantizedTensor]
 ) -> list[tuple[str, QuantizedTensor]]:
@@ -170,49 +158,88 @@ def _packed_in_model_order(
     return sorted(packed.items(), key=lambda item: position[f"{item[0]}.weight"])
 
 
-def packed_file(
+def packed_entries(
     state: dict[str, torch.Tensor], packed: dict[str, QuantizedTensor], half: Iterable[str] = ()
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of a packed file for a state dict (see `save_packed`)."""
+) -> tuple[list[Entry], dict[str, str]]:
+    """The tensors of a packed file for a state dict (see `save_packed`), as streamed entries:
+    each one's data is produced when it is written, one layer at a time, so writing the file
+    holds one layer's packed codes, never a copy of the model. Every check (shapes, float16-exact
+    biases and float16 layers) runs here, before anything is written."""
     half = list(half)
-    codes, scales, zeros, biases = [], [], [], []
+    order = _packed_in_model_order(state, packed)
     layers: list[list] = []
     owned: set[str] = set()
-    for name, qt in _packed_in_model_order(state, packed):
-        codes.append(pack_codes(qt.codes, qt.bits))
-        scales.append(qt.scale.detach().cpu().to(torch.float16).reshape(-1))
-        if not qt.symmetric:
-            zeros.append(qt.zero.detach().cpu().to(torch.uint8).reshape(-1))
+    code_bytes_total = grids_total = zeros_total = bias_total = 0
+    with_bias = []
+    for name, qt in order:
         owned.add(f"{name}.weight")
         bias = state.get(f"{name}.bias")
         if bias is not None:
             if tuple(bias.shape) != (qt.shape[0],):
                 raise ValueError(f"{name}.bias: shape {tuple(bias.shape)} != ({qt.shape[0]},)")
-            biases.append(_fp16_exact(f"{name}.bias", bias).reshape(-1))
+            _fp16_exact(f"{name}.bias", bias)
             owned.add(f"{name}.bias")
+            with_bias.append(name)
+            bias_total += qt.shape[0]
+        code_bytes_total += code_bytes(math.prod(qt.shape), qt.bits)
+        grids_total += qt.n_grids
+        zeros_total += 0 if qt.symmetric else qt.n_grids
         grouped = [qt.group_size] if qt.group_size is not None else []
         layers.append([name, qt.bits, int(qt.symmetric), list(qt.shape), int(bias is not None), *grouped])
 
-    tensors: dict[str, torch.Tensor] = {}
-    for key, parts in ((CODES, codes), (SCALES, scales), (ZEROS, zeros), (BIASES, biases)):
-        if parts:
-            tensors[key] = torch.cat(parts).contiguous()
+    def codes():
+        for _, qt in order:
+            yield pack_codes(qt.codes, qt.bits)
+
+    def scales():
+        for _, qt in order:
+            yield qt.scale.detach().cpu().to(torch.float16).reshape(-1)
+
+    def zeros():
+        for _, qt in order:
+            if not qt.symmetric:
+                yield qt.zero.detach().cpu().to(torch.uint8).reshape(-1)
+
+    def biases():
+        for name in with_bias:
+            yield state[f"{name}.bias"].detach().cpu().to(torch.float16)
+
+    entries: list[Entry] = []
+    for key, total, dtype, chunks in ((CODES, code_bytes_total, torch.uint8, codes),
+                                      (SCALES, grids_total, torch.float16, scales),
+                                      (ZEROS, zeros_total, torch.uint8, zeros),
+                                      (BIASES, bias_total, torch.float16, biases)):
+        if total:
+            entries.append(Entry(key, dtype, (total,), chunks))
     for name in half:
         if name in packed or f"{name}.weight" not in state:
             raise ValueError(f"{name}: a float16 layer must be in the state dict and not packed")
         for key in (f"{name}.weight", f"{name}.bias"):
             if key in state:
-                tensors[key] = _fp16_exact(key, state[key]).contiguous()
+                _fp16_exact(key, state[key])
+                entries.append(tensor_entry(key, state[key], torch.float16))
                 owned.add(key)
-    rest = {key: t for key, t in state.items() if key not in owned}
-    for key, t in _plain(rest, torch.float32).items():
-        if key in tensors:
+    for key, t in state.items():
+        if key in owned:
+            continue
+        if key in QUANT_KEYS:
             raise ValueError(f"state dict key {key} collides with a packed tensor name")
-        tensors[key] = t
+        entries.append(tensor_entry(key, t, torch.float32 if t.is_floating_point() else None))
     info: dict = {"version": FORMAT_VERSION, "layers": layers}
     if half:
         info["half"] = sorted(half)
-    return tensors, {META_KEY: json.dumps(info, separators=(",", ":"))}
+    return entries, {META_KEY: json.dumps(info, separators=(",", ":"))}
+
+
+def packed_file(
+    state: dict[str, torch.Tensor], packed: dict[str, QuantizedTensor], half: Iterable[str] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a packed file, in memory (small models and tests only:
+    `save_packed` streams the same tensors)."""
+    entries, meta = packed_entries(state, packed, half)
+    tensors = {e.name: torch.cat([p.reshape(-1) for p in e.chunks()] or [torch.empty(0, dtype=e.dtype)]
+                                 ).reshape(e.shape) for e in entries}
+    return tensors, meta
 
 
 def _fp16_exact(key: str, t: torch.Tensor) -> torch.Tensor:
@@ -235,20 +262,20 @@ def save_packed(
 
     The biases of the packed layers, and the weights and biases of the `half` layers, are
     stored as float16, so they must already be float16 values (as `quantize_` leaves them);
-    a tensor that is not raises ValueError rather than being silently rounded.
+    a tensor that is not raises ValueError rather than being silently rounded. The file is
+    streamed layer by layer (`engine.quant.safetensors_stream`): no copy of the model is made.
     """
-    tensors, meta = packed_file(model.state_dict(), packed, half)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return os.path.getsize(path)
+    entries, meta = packed_entries(model.state_dict(), packed, half)
+    return stream_write(path, entries, meta)
 
 
 def packed_nbytes(
     state: dict[str, torch.Tensor], packed: dict[str, QuantizedTensor], half: Iterable[str] = ()
 ) -> int:
-    """The exact size in bytes of the file `save_packed` writes for this state, without writing it."""
-    tensors, meta = packed_file(state, packed, half)
-    return len(save(tensors, metadata=meta))
+    """The exact size in bytes of the file `save_packed` writes for this state, from shapes
+    alone (nothing is packed or copied)."""
+    entries, meta = packed_entries(state, packed, half)
+    return file_size(entries, meta)
 
 
 def _version(info: object) -> int:
@@ -299,20 +326,19 @@ def _parse_half(info: dict) -> list[str]:
 
 
 class _Reader:
-    """Hands out consecutive slices of one concatenated tensor, checking it is used up."""
+    """Hands out consecutive slices of one concatenated tensor of the file, reading only the
+    slice asked for; its length was checked against the metadata before any is read."""
 
-    def __init__(self, key: str, tensor: torch.Tensor) -> None:
-        self.key, self.tensor, self.pos = key, tensor.reshape(-1), 0
+    def __init__(self, key: str, handle, numel: int, dtype: torch.dtype) -> None:
+        self.key, self.handle, self.numel, self.dtype, self.pos = key, handle, numel, dtype, 0
 
     def take(self, n: int) -> torch.Tensor:
-        if self.pos + n > self.tensor.numel():
+        if self.pos + n > self.numel:
             raise ValueError(f"{self.key} is too short for the layers in the metadata")
         self.pos += n
-        return self.tensor[self.pos - n : self.pos]
-
-    def finish(self) -> None:
-        if self.pos != self.tensor.numel():
-            raise ValueError(f"{self.key} has {self.tensor.numel() - self.pos} unused values")
+        if self.handle is None:
+            return torch.empty(0, dtype=self.dtype)
+        return self.handle.get_slice(self.key)[self.pos - n : self.pos]
 
 
 def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
@@ -322,7 +348,8 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
     float16 values in float32; integer buffers keep their dtype. A file without quantization
     metadata (e.g. from `save_dense`) loads as a plain state dict. A damaged file (truncated,
     garbage header, missing tensors, metadata that does not match them) raises
-    `engine.errors.DamagedFile` naming the file and what is wrong.
+    `engine.errors.DamagedFile` naming the file and what is wrong. This holds the whole model
+    in float32: to load a large model, stream `iter_packed` into it (`load_packed_into`).
     """
     return read_packed(path)[0]
 
@@ -335,6 +362,19 @@ def load_packed_codes(path: str | Path) -> dict[str, QuantizedTensor]:
 
 def read_packed(path: str | Path, keep_codes: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
     """(`load_packed`'s state dict, the QuantizedTensor of each layer if `keep_codes`)."""
+    state, quantized = {}, {}
+    for key, value, qt in iter_packed(path):
+        state[key] = value
+        if keep_codes and qt is not None:
+            quantized[key.removesuffix(".weight")] = qt
+    return state, quantized
+
+
+def iter_packed(path: str | Path) -> Iterator[tuple[str, torch.Tensor, QuantizedTensor | None]]:
+    """The tensors of a packed file one at a time, as `load_packed` gives them (float32,
+    quantized weights dequantized), each with its QuantizedTensor (None for plain tensors).
+    Only one tensor (one layer's slice of the concatenated codes) is read at a time. The file is
+    checked whole before the first tensor is yielded (`engine.errors.DamagedFile`)."""
     from safetensors import SafetensorError
 
     from engine.errors import DamagedFile
@@ -342,66 +382,101 @@ def read_packed(path: str | Path, keep_codes: bool = False) -> tuple[dict[str, t
 
     header = check_safetensors(path)
     try:
-        return _read_packed(path, header, keep_codes)
+        yield from _iter_packed(path, header)
     except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
         raise DamagedFile(path, f"not a valid packed checkpoint: {exc}") from None
 
 
-def _read_packed(path, header: dict, keep_codes: bool) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+def _numel(header: dict, key: str) -> int:
+    return math.prod(header[key]["shape"]) if key in header else 0
+
+
+def _iter_packed(path, header: dict):
     from engine.file_checks import require_tensors
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        info = json.loads(meta[META_KEY]) if META_KEY in meta else None
-        layers = _parse_layers(info) if info is not None else []
-        version = _version(info) if info is not None else FORMAT_VERSION
-        keys = set(f.keys())
-        state, dtypes = {}, {}
-        for key in f.keys():
-            if key not in QUANT_KEYS or META_KEY not in meta:
-                t = f.get_tensor(key)
-                dtypes[key] = t.dtype
-                state[key] = t.float() if t.is_floating_point() else t
-        if META_KEY not in meta:
-            return state, {}
+    meta = header.get("__metadata__") or {}
+    info = json.loads(meta[META_KEY]) if META_KEY in meta else None
+    layers = _parse_layers(info) if info is not None else []
+    version = _version(info) if info is not None else FORMAT_VERSION
+    quant_keys = set(QUANT_KEYS) if info is not None else set()
+    if info is not None:
         needed = [CODES, SCALES] if layers else []
         needed += [ZEROS] if any(not sym for _, _, sym, _, _, _ in layers) else []
         needed += [BIASES] if any(has_bias for *_, has_bias, _ in layers) else []
         require_tensors(path, header, needed, f" (the metadata lists {len(layers)} quantized layers)")
+        _check_totals(header, layers, version)
         for name in _parse_half(info):
-            if dtypes.get(f"{name}.weight") != torch.float16:
+            if header.get(f"{name}.weight", {}).get("dtype") != "F16":
                 raise ValueError(f"{name} is listed as float16 but {name}.weight is not stored as float16")
+    owned = {f"{name}.{part}" for name, *_, has_bias, _ in layers for part in ("weight", "bias")}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key in quant_keys:
+                continue
+            if key in owned:
+                raise ValueError(f"{key} is stored both packed and as a plain tensor")
+            t = f.get_tensor(key)
+            yield key, (t.float() if t.is_floating_point() else t), None
         readers = {}
         for key, dtype in QUANT_KEYS.items():
-            t = f.get_tensor(key) if key in keys else torch.empty(0, dtype=dtype)
-            if t.dtype != dtype:
-                raise ValueError(f"{key} has dtype {t.dtype}, expected {dtype}")
-            readers[key] = _Reader(key, t)
+            if key in header and header[key]["dtype"] != _DTYPE_NAMES[dtype]:
+                raise ValueError(f"{key} has dtype {header[key]['dtype']}, expected {_DTYPE_NAMES[dtype]}")
+            readers[key] = _Reader(key, f if key in header else None, _numel(header, key), dtype)
+        for name, bits, symmetric, shape, has_bias, group in layers:
+            channels, numel = shape[0], math.prod(shape)
+            grids = channels * (shape[1] // group) if group else channels
+            codes = unpack_codes(readers[CODES].take(code_bytes(numel, bits, version)), bits, numel, version)
+            scale = readers[SCALES].take(grids)
+            zero = (torch.full((grids,), 2 ** (bits - 1), dtype=torch.uint8) if symmetric
+                    else readers[ZEROS].take(grids))
+            qt = QuantizedTensor(codes.reshape(shape), scale, zero, bits, symmetric, shape, group)
+            yield f"{name}.weight", dequantize(qt), qt
+            if has_bias:
+                yield f"{name}.bias", readers[BIASES].take(channels).float(), None
 
-    quantized = {}
-    for name, bits, symmetric, shape, has_bias, group in layers:
-        channels, numel = shape[0], math.prod(shape)
-        grids = channels * (shape[1] // group) if group else channels
-        nbytes = code_bytes(numel, bits, version)
-        codes = unpack_codes(readers[CODES].take(nbytes), bits, numel, version)
-        scale = readers[SCALES].take(grids)
-        if symmetric:
-            zero = torch.full((grids,), 2 ** (bits - 1), dtype=torch.uint8)
-        else:
-            zero = readers[ZEROS].take(grids)
-        qt = QuantizedTensor(codes.reshape(shape), scale, zero, bits, symmetric, shape, group)
-        if keep_codes:
-            quantized[name] = qt
-        owned = {f"{name}.weight": dequantize(qt)}
-        if has_bias:
-            owned[f"{name}.bias"] = readers[BIASES].take(channels).float()
-        for key, value in owned.items():
-            if key in state:
-                raise ValueError(f"{key} is stored both packed and as a plain tensor")
-            state[key] = value
-    for reader in readers.values():
-        reader.finish()
-    return state, quantized
+
+_DTYPE_NAMES = {torch.uint8: "U8", torch.float16: "F16"}
+
+
+def _check_totals(header: dict, layers, version: int) -> None:
+    """The concatenated tensors hold exactly what the metadata's layers take."""
+    totals = {CODES: 0, SCALES: 0, ZEROS: 0, BIASES: 0}
+    for _, bits, symmetric, shape, has_bias, group in layers:
+        grids = shape[0] * (shape[1] // group) if group else shape[0]
+        totals[CODES] += code_bytes(math.prod(shape), bits, version)
+        totals[SCALES] += grids
+        totals[ZEROS] += 0 if symmetric else grids
+        totals[BIASES] += shape[0] if has_bias else 0
+    for key, total in totals.items():
+        have = _numel(header, key)
+        if have < total:
+            raise ValueError(f"{key} is too short for the layers in the metadata")
+        if have > total:
+            raise ValueError(f"{key} has {have - total} unused values")
+
+
+def load_packed_into(module: nn.Module, path: str | Path, expect_equal: bool = False) -> None:
+    """Load a packed file into `module` in place, one tensor at a time, casting each to the
+    parameter's dtype: no float32 copy of the model is made. Strict: the file's keys must be
+    exactly the module's state-dict keys. With `expect_equal`, each tensor must already equal
+    the module's (the simulated quantized model the file was written from), else ValueError."""
+    state = module.state_dict(keep_vars=True)
+    seen = set()
+    for key, value, _ in iter_packed(path):
+        if key not in state:
+            raise ValueError(f"{path}: {key} is not in the model's state dict")
+        target = state[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(target.shape)}")
+        value = value.to(target.dtype)
+        if expect_equal and not torch.equal(value.to(target.device), target.detach()):
+            raise RuntimeError(f"{path}: {key} differs from the simulated quantized weight")
+        with torch.no_grad():
+            target.data.copy_(value)
+        seen.add(key)
+    missing = sorted(set(state) - seen)
+    if missing:
+        raise ValueError(f"{path}: the file lacks {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
 
 
 def packed_breakdown(path: str | Path) -> dict[str, int]:
@@ -445,6 +520,4 @@ def save_dense(path: str | Path, model: nn.Module, dtype: torch.dtype = torch.fl
     """Write the plain state dict with floating tensors in `dtype`; return bytes on disk."""
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
-    with atomic_path(path) as tmp:
-        save_file(_plain(model.state_dict(), dtype), str(tmp))
-    return os.path.getsize(path)
+    return stream_write(path, state_entries(model.state_dict(), dtype))
