@@ -16,10 +16,12 @@ EXPORT_FORMATS = ("csv", "json", "md", "latex")
 TABLE_WIDTH = 320  # the results table, wide enough that no column is squeezed out
 
 
-def load(args):
+def load(args, only: list[str] | None = None):
+    """The catalogue of --experiments; with `only`, other experiments that fail their checks
+    (a broken model folder) are left out instead of stopping the command."""
     from engine.config import load_catalogue
 
-    return load_catalogue(args.experiments)
+    return load_catalogue(args.experiments, only)
 
 
 def open_store(args, create: bool = True, write: bool = True):
@@ -79,7 +81,7 @@ def chosen_runs(args):
     from engine.runner import launch_options
     from engine.settings import load_settings, parse_gpus
 
-    catalogue = load(args)
+    catalogue = load(args, only=[args.name])
     experiment = catalogue.get(args.name)
     if experiment.needs_model is not None:
         raise UserError(f"{catalogue.path}: experiment {args.name!r} needs model {experiment.needs_model}: "
@@ -261,7 +263,7 @@ def cmd_show(args) -> int:
     from engine.methods import describe_bits
     from engine.runner import results_table
 
-    catalogue = load(args)
+    catalogue = load(args, only=[args.name])
     exp = catalogue.get(args.name)
     console = Console()
     console.print(f"[bold]{exp.name}[/bold]: {exp.description}")
@@ -354,7 +356,7 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from engine.report import write_report
 
-    exp = load(args).get(args.name)
+    exp = load(args, only=[args.name]).get(args.name)
     store = open_store(args, create=False, write=False)
     for path in write_report(store, exp, Path(args.out)):
         print(path)

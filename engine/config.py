@@ -18,6 +18,7 @@ import math
 import json
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,8 +149,13 @@ class Experiment:
 class Catalogue:
     path: Path
     experiments: dict[str, Experiment]
+    # Experiments left out because they failed their checks while others were asked for
+    # (`load_catalogue(only=...)`): name -> the error they would raise.
+    skipped: dict[str, "ConfigError"] = field(default_factory=dict)
 
     def get(self, name: str) -> Experiment:
+        if name in self.skipped:
+            raise self.skipped[name]
         if name not in self.experiments:
             known = ", ".join(self.experiments) or "none"
             raise ConfigError(str(self.path), None, f"unknown experiment {name!r}; known: {known}")
@@ -524,7 +530,11 @@ def _open_clip_architecture(name: str) -> bool:
     return any((Path(loc) / "model_configs" / f"{name}.json").is_file() for loc in spec.submodule_search_locations)
 
 
-def load_catalogue(path: str | Path) -> Catalogue:
+def load_catalogue(path: str | Path, only: Iterable[str] | None = None) -> Catalogue:
+    """The catalogue at `path`, every experiment checked (against its model folder too). With
+    `only`, the experiments named there must pass; any other that fails its checks (say, its
+    model folder is broken) is left out and kept in `skipped`, so it stops only commands that ask
+    for it. The file's TOML must parse either way."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), None, "no such file")
@@ -543,5 +553,13 @@ def load_catalogue(path: str | Path) -> Catalogue:
     raw = data.get("experiments", {})
     if not isinstance(raw, dict):
         reader.fail([], "experiments", "must be a table of experiments")
-    experiments = {name: reader.experiment(name, body) for name, body in raw.items()}
-    return Catalogue(path=path, experiments=experiments)
+    experiments, skipped = {}, {}
+    asked = None if only is None else set(only)
+    for name, body in raw.items():
+        try:
+            experiments[name] = reader.experiment(name, body)
+        except ConfigError as exc:
+            if asked is None or name in asked:
+                raise
+            skipped[name] = exc
+    return Catalogue(path=path, experiments=experiments, skipped=skipped)

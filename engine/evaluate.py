@@ -112,14 +112,40 @@ def mean_with_interval(values: np.ndarray, n_boot: int, seed: int, alpha: float 
     return mean, float(low), float(high)
 
 
-def run_floor(ref: FeatureStats, n_gen: int) -> float:
-    """The FID floor at n_gen samples; fewer draws at Inception size (each costs two eigh)."""
-    return gaussian_floor(ref, n_gen, draws=20 if ref.mu.shape[0] <= 512 else 5)[0]
+def run_floor(ref: FeatureStats, n_gen: int, cache_dir: Path | None = None) -> float:
+    """The FID floor at n_gen samples; fewer draws at Inception size (each costs two eigh, about
+    a minute at 2048 dimensions on two cores). It depends only on the reference statistics and
+    n_gen, so with `cache_dir` it is computed once per protocol and kept in
+    `cache_dir/fid_floor/<hash of the statistics, n_gen, draws>.json`."""
+    import hashlib
+    import json
+
+    from engine.atomic_files import write_text
+
+    draws = 20 if ref.mu.shape[0] <= 512 else 5
+    if cache_dir is None:
+        return gaussian_floor(ref, n_gen, draws=draws)[0]
+    digest = hashlib.sha256()
+    for part in (np.ascontiguousarray(ref.mu, dtype=np.float64), np.ascontiguousarray(ref.sigma, dtype=np.float64)):
+        digest.update(part.tobytes())
+    digest.update(f"{ref.n}|{n_gen}|{draws}".encode())
+    path = Path(cache_dir) / "fid_floor" / f"{digest.hexdigest()[:32]}.json"
+    try:
+        return float(json.loads(path.read_text())["floor"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or unreadable: computed again
+    floor = gaussian_floor(ref, n_gen, draws=draws)[0]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"floor": floor, "n_gen": n_gen, "draws": draws}))
+    except OSError:
+        pass  # a cache that cannot be written costs time, not correctness
+    return floor
 
 
 class Evaluator:
-    def __init__(self, features, reference: Reference, clip=None):
-        self.features, self.reference, self.clip = features, reference, clip
+    def __init__(self, features, reference: Reference, clip=None, cache_dir: Path | None = None):
+        self.features, self.reference, self.clip, self.cache_dir = features, reference, clip, cache_dir
 
     @classmethod
     def from_config(cls, config: dict, device: torch.device, cache_dir: Path) -> "Evaluator":
@@ -134,7 +160,7 @@ class Evaluator:
             from engine.metrics.clip_score import ClipScorer
 
             clip = ClipScorer.load(spec["model"], spec.get("weights"), device)
-        return cls(features, reference, clip)
+        return cls(features, reference, clip, Path(cache_dir))
 
     def evaluate(self, images: torch.Tensor, prompts: list[str], labels: list[int] | None, folder: Path,
                  n_boot: int, seed: int) -> dict[str, float]:
@@ -146,7 +172,7 @@ class Evaluator:
         else:
             fid = low = high = frechet_distance(feature_stats(feats), self.reference.stats)
         metrics = {"fid": fid, "fid_ci_low": low, "fid_ci_high": high}
-        metrics["fid_floor"] = run_floor(self.reference.stats, len(feats))
+        metrics["fid_floor"] = run_floor(self.reference.stats, len(feats), self.cache_dir)
         ref_features = getattr(self.reference, "features", None)
         if ref_features is not None:
             metrics.update(zip(("kid", "kid_ci_low", "kid_ci_high"), kid(feats, ref_features)))

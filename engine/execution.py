@@ -19,6 +19,8 @@ Memory of the sampling phase (`Runtime.sampling()`):
   of the layer being dequantized); memory freed and reused by the allocator is not double
   counted. Where clear_refs cannot be written, `peak_mem_mb` falls back to the lifetime peak
   (getrusage) and `sampling_mem_mb` is not reported.
+The run's own peak over every stage (`run_peak_mem_mb`) is `engine.run_memory`'s, which
+remembers the peak reached before these resets.
 """
 
 from __future__ import annotations
@@ -32,28 +34,9 @@ from pathlib import Path
 import torch
 
 from engine.quant.lowbit import model_bytes, to_lowbit
+from engine.run_memory import reset_gpu_peak, reset_rss_peak, status_kib
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -71,17 +54,17 @@ class Runtime:
                 if self.autocast else contextlib.nullcontext())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            reset_gpu_peak(self.device)
             with cast:
                 yield out
             torch.cuda.synchronize(self.device)
             out["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             return
-        reset = _reset_peak_rss()
-        before = _status_kib("VmRSS")
+        reset = reset_rss_peak()
+        before = status_kib("VmRSS")
         with cast:
             yield out
-        peak = _status_kib("VmHWM") if reset else None
+        peak = status_kib("VmHWM") if reset else None
         if peak is not None and before is not None:
             out["peak_mem_mb"] = peak / 1024
             out["sampling_mem_mb"] = max(peak - before, 0) / 1024

@@ -17,7 +17,7 @@ import csv
 import io
 import json
 
-from engine.methods import describe_bits
+from engine.methods import describe_run
 from engine.protocol import family_hash, protocol_hash
 from engine.store import Store
 from engine.table_groups import group_rows
@@ -96,7 +96,7 @@ def result_rows(store: Store, experiment: str | None = None, run_ids: list[int] 
                 "experiment": r["experiment"],
                 "variant": r["variant"],
                 "status": r["status"],
-                "bits": describe_bits(config.get("method", "none"), config.get("params", {})) + execution_label(config),
+                "bits": describe_run(config, r.get("dtype_bits")) + execution_label(config),
                 "fid": r.get("fid"),
                 "fid_ci_low": low,
                 "fid_ci_high": high,

@@ -21,6 +21,7 @@ from engine.methods import QuantContext, QuantResult, quantize_model
 from engine.quant.checkpoint import dense_bytes, store_and_reload
 from engine.quant.packing import bits_per_weight
 from engine.run_config import RunConfig
+from engine.run_memory import run_peak
 from engine.prompts import sampling_prompts
 from engine.sampling import InitialLatents, sample_images
 from engine.store import Store
@@ -44,6 +45,7 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
     ctx = QuantContext(model=model, run=run, folder=folder, cache_dir=store.runs_dir / "cache",
                        fp32_bytes=fp32_bytes, progress=reporter.progress)
     result = quantize_model(ctx)
+    stored = time.time()
     if result.checkpoint is not None:  # a method's own format (PTQ's int8 graph tensors)
         size = result.checkpoint.stat().st_size
         store.add_artifact(run_id, "checkpoint", result.checkpoint)
@@ -58,9 +60,12 @@ def quantize_stage(store: Store, run_id: int, run: RunConfig, model, reporter) -
         store.add_artifact(run_id, "checkpoint", path)
     for kind, path in result.artifacts.items():
         store.add_artifact(run_id, kind, path)
+    checkpoint_s = time.time() - stored
     metrics.update(size_bytes=size, size_ratio=size / fp32_bytes, mean_bits=mean_bits(result.layers),
-                   quantize_s=time.time() - start)
+                   quantize_s=time.time() - start, checkpoint_s=checkpoint_s)
     metrics.update(result.metrics)  # e.g. calibration_s, and quantize_s without the calibration
+    if "quantize_s" in result.metrics:  # the method's own quantize_s, plus storing and reloading
+        metrics["quantize_s"] = result.metrics["quantize_s"] + checkpoint_s
     store.put_layers(run_id, result.layers)
     reporter.progress("quantize", 1, 1)
     return result, metrics
@@ -107,6 +112,8 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
     save_samples(folder / SAMPLES_FILE, images_u8, labels)
     store.add_artifact(run_id, "samples", folder / SAMPLES_FILE)
     store.add_artifact(run_id, "grid", run_grid(images_u8, folder / "grid.png"))
+    metrics["dtype_bits"] = torch.finfo(model.dtype).bits  # the dtype it sampled in (labels "FP32"/"BF16")
+    metrics.update(run_peak(model.device))  # run_peak_mem_mb: every stage, this worker's own peak
     store.put_metrics(run_id, metrics)
     update_comparison(store, run.experiment, run_id)
     update_paired(store, run_id)

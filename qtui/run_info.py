@@ -21,11 +21,11 @@ def quant_label(config: dict) -> str:
     if not isinstance(method, str):
         return ""
     try:
-        from engine.methods import METHODS, describe_bits  # torch-free; imported in the poller thread
+        from engine.methods import METHODS, describe_run  # torch-free; imported in the poller thread
 
         if method not in METHODS:
             return method
-        return describe_bits(method, config.get("params") or {})
+        return describe_run(config)
     except Exception:  # a method this engine does not know, or malformed params
         return method
 

@@ -18,7 +18,7 @@ from tests.conftest import engine
 METRICS = {"fid", "fid_ci_low", "fid_ci_high", "prompt_acc", "size_bytes", "size_ratio",
            "latency_ms", "peak_mem_mb", "fid_floor", "mean_bits", "kid", "kid_ci_low", "kid_ci_high",
            "d_fid", "d_fid_ci_low", "d_fid_ci_high", "d_prompt_acc", "d_clip_score", "clip_score",
-           "clip_score_ci_low", "clip_score_ci_high"}
+           "clip_score_ci_low", "clip_score_ci_high", "run_peak_mem_mb", "dtype_bits", "quantize_s"}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,8 @@ def test_all_variants_done_with_metrics(finished):
         assert METRICS <= set(metrics), run["variant"]
         assert metrics["fid_ci_low"] <= metrics["fid"] <= metrics["fid_ci_high"]
         assert 0 <= metrics["prompt_acc"] <= 1
+        assert metrics["run_peak_mem_mb"] >= metrics["peak_mem_mb"] > 0  # the whole run's peak holds sampling's
+        assert metrics["dtype_bits"] == 32 and metrics["quantize_s"] >= metrics.get("checkpoint_s", 0)
         assert 0 <= metrics["clip_score_ci_low"] <= metrics["clip_score"] <= metrics["clip_score_ci_high"] <= 100
         assert any(a["kind"] == "eval" and a["path"].endswith("eval.npz") for a in store.artifacts(run["id"]))
         config = json.loads(run["config"])

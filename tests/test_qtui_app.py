@@ -92,7 +92,7 @@ async def test_startup_shows_experiments_variants_and_all_runs(demo):
         assert table.order[0] == max(table.order)  # newest first
         labels = {str(node.label.plain) for node in tree._node_index.values()}
         assert any(label.startswith("digits-rtn") for label in labels)
-        assert "○ w2 failed W2" in labels and "○ fp32 done FP32" in labels  # status, then bits
+        assert "○ w2 failed W2" in labels and "○ fp32 done FP" in labels  # status, then bits (auto dtype: FP)
         assert "7/7" in str(table.border_title)
 
 

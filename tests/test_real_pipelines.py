@@ -271,6 +271,23 @@ def test_bad_model_folders_are_clear_errors(tmp_path, tiny_sd):
     assert "'FluxPipeline' is not supported" in message and "StableDiffusion3Pipeline" in message
 
 
+def test_a_broken_model_folder_stops_only_the_experiments_that_ask_for_it(tmp_path, tiny_sd, tiny_experiments):
+    digits = tiny_experiments.read_text()
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    shutil.rmtree(broken / "vae")
+    path = write(tmp_path, SD_TOML, broken)
+    path.write_text(path.read_text() + digits)  # plus the tiny digits experiment
+    with pytest.raises(ConfigError, match="component vae/ is missing"):
+        load_catalogue(path)  # every experiment checked: engine list
+    catalogue = load_catalogue(path, only=["tiny"])  # engine run tiny
+    assert "tiny" in catalogue.experiments and "sd" not in catalogue.experiments
+    with pytest.raises(ConfigError, match="component vae/ is missing"):
+        catalogue.get("sd")
+    with pytest.raises(ConfigError, match="component vae/ is missing"):
+        load_catalogue(path, only=["sd"])
+
+
 def test_bad_keys_are_clear_errors(tmp_path, tiny_sd):
     assert "height = 17 is not a positive multiple of 2" in _bad(tmp_path, SD_TOML.replace("height = 16", "height = 17"),
                                                                   tiny_sd)

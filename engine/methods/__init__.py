@@ -54,6 +54,17 @@ def describe_bits(method: str, params: dict) -> str:
     return method_spec(method).describe(params)
 
 
+def describe_run(config: dict, dtype_bits: float | None = None) -> str:
+    """`describe_bits` of a stored run config; a full-precision run is labelled with the dtype it
+    ran in (FP32, FP16, BF16), from its model options and its `dtype_bits` metric."""
+    method = config.get("method", "none")
+    if method == "none":
+        from engine.methods.none import full_precision_label
+
+        return full_precision_label((config.get("model_options") or {}).get("dtype"), dtype_bits)
+    return describe_bits(method, config.get("params") or {})
+
+
 def quantize_model(ctx: QuantContext) -> QuantResult:
     return method_spec(ctx.run.method).quantize(ctx)
 
@@ -69,4 +80,4 @@ def load_quantized(denoiser, method: str, params: dict, state: dict) -> None:
 
 
 __all__ = ["BadKey", "METHODS", "ROLES", "MethodSpec", "QuantContext", "QuantResult", "check_against_model",
-           "describe_bits", "load_quantized", "method_spec", "quantize_model", "validate_method"]
+           "describe_bits", "describe_run", "load_quantized", "method_spec", "quantize_model", "validate_method"]

@@ -11,8 +11,22 @@ def validate(keys: dict) -> dict:
     return {}
 
 
+DTYPE_LABELS = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
+
+
 def describe(params: dict) -> str:
-    return "FP32"
+    return "FP"  # the model's own dtype: `full_precision_label` names it where the config is known
+
+
+def full_precision_label(dtype: str | None, dtype_bits: float | None = None) -> str:
+    """The label of a full-precision run: the dtype it sampled in. `dtype` is the experiment's
+    (`auto`: float16 on CUDA, float32 elsewhere and for the digits models), `dtype_bits` the
+    run's measured `dtype_bits` metric, which settles `auto` once the run has run."""
+    if dtype in DTYPE_LABELS:
+        return DTYPE_LABELS[dtype]
+    if dtype_bits is not None:
+        return "FP16" if dtype_bits == 16 else "FP32"
+    return "FP"
 
 
 def quantize(ctx: QuantContext) -> QuantResult:

@@ -88,8 +88,11 @@ class ExperimentsTree(Tree[NodeData]):
         """The variant's bits per role ("conv W4, attention W8"), from the catalogue."""
         if not self._in_catalogue(experiment, variant):
             return ""
-        v = self.catalogue.experiments[experiment].variants[variant]
-        return quant_label({"method": v.method, "params": v.params})
+        exp = self.catalogue.experiments[experiment]
+        v = exp.variants[variant]
+        options = getattr(exp, "options", None)
+        dtype = getattr(options, "dtype", None)
+        return quant_label({"method": v.method, "params": v.params, "model_options": {"dtype": dtype}})
 
     def _in_catalogue(self, experiment: str, variant: str | None = None) -> bool:
         if self.catalogue is None or experiment not in self.catalogue.experiments:

@@ -22,7 +22,7 @@ from qtui.model import RunRow
 def fp_reason(extra: dict | None, run: RunRow | None, role: str) -> str:
     if extra and extra.get("reason"):
         return str(extra["reason"])
-    if run is not None and run.quant == "FP32":
+    if run is not None and run.quant in ("FP", "FP32", "FP16", "BF16"):  # engine.methods.none
         return "full-precision variant"
     return f"role {role} is not quantized by this variant" if role else "not quantized"
 
