@@ -492,3 +492,19 @@ def test_the_catalogue_checks_real_pipelines_without_torch(tmp_path, tiny_sd3):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_progress_ends_at_the_steps_asked_for_with_pndm(tiny_sd):
+    """PNDM makes more denoiser calls than `steps` (its warm-up): progress must still end at
+    samples x steps, never beyond, and never go back."""
+    from engine.models.loader import load_text_to_image
+    from engine.run_config import ModelOptions
+    from engine.sampling import InitialLatents, sample_images
+
+    model = load_text_to_image(tiny_sd, options=ModelOptions(scheduler="PNDMScheduler"))
+    seen = []
+    sample_images(model, ["a cat", "a car", "a dog"], InitialLatents(3, model.sample_shape, 0), 4, 1.0, 2,
+                  on_progress=lambda done, total: seen.append((done, total)))
+    assert len(model.pipe.scheduler.timesteps) > 4  # the warm-up is there
+    assert seen[-1] == (12, 12) and all(d <= t for d, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
