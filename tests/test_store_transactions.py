@@ -486,3 +486,21 @@ def test_no_engine_module_wraps_several_writes_in_with_conn():
             offenders.append(f"{path.relative_to(ENGINE.parent)}:{line}: `with ...conn:` around {writes}+ writes")
     assert not offenders, ("not one transaction under sqlite-utils (each of its writes commits by itself); "
                            "use `with store.transaction():`\n" + "\n".join(offenders))
+
+
+def test_a_submission_records_every_job_id_and_names_the_runs_cancelled_meanwhile(tmp_path):
+    from engine.queue_store import finish_and_release, record_submission, request_cancel
+
+    store = Store.open(tmp_path)
+    ids = new_runs(store, 3, executor="slurm", batch="b")
+    request_cancel(store, ids[1])  # unclaimed and queued: cancelled at once
+    gone = record_submission(store, [{"id": i} for i in ids], ["7_0", "7_1", "7_2"])
+    assert gone == [(ids[1], "7_1")]
+    assert [store.get_run(i)["job_id"] for i in ids] == ["7_0", "7_1", "7_2"]
+    with store.transaction() as conn:
+        conn.execute("update runs set claimed_by = 's' where id = ?", (ids[0],))
+    assert finish_and_release(store, ids[0], "failed", "Slurm job 7_0 ended TIMEOUT")
+    run = store.get_run(ids[0])
+    assert (run["status"], run["claimed_by"]) == ("failed", None)
+    assert not finish_and_release(store, ids[0], "cancelled", "again")
+    assert store.get_run(ids[0])["status"] == "failed"
