@@ -1,5 +1,6 @@
 """The fault campaign: a tiny real experiment run under kills, signals, a held write lock, load,
-simultaneous starts, a full disk, read-only folders and damaged files, with the invariants of
+simultaneous starts, runs created while schedulers claim, kills inside transactions, a full
+disk, read-only folders and damaged files, with the invariants of
 `bench/fault_lab/invariants.py` checked after every trial.
 
     python bench/faults.py [--rounds 1] [--seed 0] [--only signal,lock,...] [--quick] [--keep DIR]
@@ -11,6 +12,10 @@ Faults (`--only` takes these names):
   load     8 writers (progress, metrics, layers) for 60 s while qtui's reader polls and
            `engine export` reads
   starts   several `engine run`s started at once into a new runs folder
+  claims   `engine run`s of a multi-variant experiment and `engine queue add`s while schedulers
+           claim: no run fails to start (bench/fault_lab/claims.py)
+  atomic   SIGKILL of a process inside a multi-statement write, or at a random moment: each
+           operation is all or nothing (bench/fault_lab/atomic.py)
   disk     the runs folder's filesystem fills up while a worker writes
   readonly a runs folder and a database the user may not write
   corrupt  a truncated or altered checkpoint, calibration file or database

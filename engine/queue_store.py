@@ -19,7 +19,6 @@ import os
 import socket
 import time
 import uuid
-from contextlib import contextmanager
 
 from engine.executor import HEARTBEAT_EVERY, is_lost, pid_alive
 from engine.store import BUSY_TIMEOUT_MS, Store, utc_now
@@ -27,18 +26,10 @@ from engine.store import BUSY_TIMEOUT_MS, Store, utc_now
 SCHEDULER_DEAD_AFTER = 30.0  # seconds without a scheduler heartbeat: it is gone
 
 
-@contextmanager
 def write_lock(store: Store):
     """One write transaction taken at its start (BEGIN IMMEDIATE): reads inside it are
-    consistent with the writes, whoever else is waiting."""
-    conn = store.db.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    consistent with the writes, whoever else is waiting (`Store.transaction`)."""
+    return store.transaction()
 
 
 def rows(conn, sql: str, args=()) -> list[dict]:
@@ -100,7 +91,7 @@ def retire_if_idle(store: Store, token: str, busy: bool) -> bool:
 
 
 def unregister(store: Store, token: str) -> None:
-    with store.db.conn:
+    with store.transaction():
         store.db.conn.execute("delete from schedulers where token = ?", (token,))
 
 
@@ -122,7 +113,7 @@ def fail_vanished_runs(store: Store, own: set[int] = frozenset()) -> list[int]:
     for run in candidates:
         if run["id"] in own or run["claimed_by"] in watched or not run["pid"] or pid_alive(run["pid"]):
             continue
-        with store.db.conn:
+        with store.transaction():
             cur = store.db.conn.execute(
                 "update runs set status = 'failed', finished_at = ?, error = ? "
                 "where id = ? and status = 'running' and pid = ?",
@@ -242,8 +233,34 @@ def claim_slurm_batch(store: Store, token: str) -> list[dict]:
 
 
 def set_fields(store: Store, run_id: int, **fields) -> None:
-    with store.db.conn:
+    with store.transaction():
         store.db["runs"].update(run_id, fields)
+
+
+def record_submission(store: Store, batch: list[dict], job_ids: list[str]) -> list[tuple[int, str]]:
+    """The Slurm job ids of a submitted batch, all in one transaction (a scheduler killed
+    halfway must not leave some runs with a job id, adopted, and the others without, failed as
+    "died while submitting"). Returns (run id, job id) of the runs no longer queued or running
+    (cancelled while they were being submitted): their jobs are to be cancelled."""
+    host = socket.gethostname()
+    gone = []
+    with write_lock(store) as conn:
+        for run, job_id in zip(batch, job_ids):
+            conn.execute("update runs set job_id = ?, slurm_state = 'PENDING', host = ? where id = ?",
+                         (job_id, host, run["id"]))
+            status = conn.execute("select status from runs where id = ?", (run["id"],)).fetchone()[0]
+            if status not in ("queued", "running"):
+                gone.append((run["id"], job_id))
+    return gone
+
+
+def finish_and_release(store: Store, run_id: int, status: str, error: str | None) -> bool:
+    """A Slurm run's end as its scheduler sees it: finished (unless its worker already said)
+    and its claim released, together. Returns whether the status changed."""
+    with write_lock(store):
+        changed = store.finish_if_unfinished(run_id, status, error)
+        store.db.conn.execute("update runs set claimed_by = null where id = ?", (run_id,))
+    return changed
 
 
 # ---------------------------------------------------------------- the user's view

@@ -152,42 +152,43 @@ def read_new_lines(path: Path, offset: int) -> tuple[list[dict], int]:
 def ingest(store: Store, run_id: int) -> list[dict]:
     """Apply a remote run's new lines to the database; returns the lines applied.
 
-    Applied in order; the offset is saved after them, so a crash in between re-applies lines,
-    which is harmless: events are progress samples, and metrics, layers and statuses are
-    upserts or guarded updates. An artifact can be listed twice at worst (same path)."""
+    Applied in order, in one transaction with the offset saved after them: a crash (or a
+    locked database) applies all of them or none, and none is applied twice."""
     run = store.get_run(run_id)
     path = store.runs_dir / run["folder"] / EVENTS_FILE
     lines, offset = read_new_lines(path, run.get("ingested") or 0)
     if not lines:
         return []
-    for line in lines:
-        op = line.get("op")
-        if op == "running":
-            node = line.get("slurmd_nodename") or line.get("host")
-            with store.db.conn:
-                store.db.conn.execute(
-                    "update runs set status = 'running', started_at = coalesce(started_at, ?), heartbeat_at = ?, "
-                    "pid = ?, host = ?, node = ? where id = ? and status = 'queued'",
-                    (utc_from(line["time"]), line["time"], line.get("pid"), line.get("host"), node, run_id),
-                )
-        elif op == "event":
-            store.add_event(run_id, line["stage"], line.get("done", 0), line.get("total", 0), line.get("message", ""))
-            with store.db.conn:
-                store.db.conn.execute("update runs set heartbeat_at = ? where id = ?", (line["time"], run_id))
-        elif op == "heartbeat":
-            with store.db.conn:
-                store.db.conn.execute("update runs set heartbeat_at = ? where id = ?", (line["time"], run_id))
-        elif op == "metrics":
-            store.put_metrics(run_id, line["metrics"])
-        elif op == "layers":
-            store.put_layers(run_id, line["layers"])
-        elif op == "artifact":
-            store.add_artifact(run_id, line["kind"], line["path"], line.get("size"), line.get("sha256"))
-        elif op == "finish":
-            store.finish_if_unfinished(run_id, line["status"], line.get("error"))
-    with store.db.conn:
-        store.db.conn.execute("update runs set ingested = ? where id = ?", (offset, run_id))
+    with store.transaction() as conn:
+        for line in lines:
+            apply_line(store, conn, run_id, line)
+        conn.execute("update runs set ingested = ? where id = ?", (offset, run_id))
     return lines
+
+
+def apply_line(store: Store, conn, run_id: int, line: dict) -> None:
+    """One line of a remote run's events file, inside `ingest`'s transaction."""
+    op = line.get("op")
+    if op == "running":
+        node = line.get("slurmd_nodename") or line.get("host")
+        conn.execute(
+            "update runs set status = 'running', started_at = coalesce(started_at, ?), heartbeat_at = ?, "
+            "pid = ?, host = ?, node = ? where id = ? and status = 'queued'",
+            (utc_from(line["time"]), line["time"], line.get("pid"), line.get("host"), node, run_id),
+        )
+    elif op == "event":
+        store.add_event(run_id, line["stage"], line.get("done", 0), line.get("total", 0), line.get("message", ""))
+        conn.execute("update runs set heartbeat_at = ? where id = ?", (line["time"], run_id))
+    elif op == "heartbeat":
+        conn.execute("update runs set heartbeat_at = ? where id = ?", (line["time"], run_id))
+    elif op == "metrics":
+        store.put_metrics(run_id, line["metrics"])
+    elif op == "layers":
+        store.put_layers(run_id, line["layers"])
+    elif op == "artifact":
+        store.add_artifact(run_id, line["kind"], line["path"], line.get("size"), line.get("sha256"))
+    elif op == "finish":
+        store.finish_if_unfinished(run_id, line["status"], line.get("error"))
 
 
 def utc_from(epoch: float) -> str:

@@ -58,21 +58,23 @@ def launch_options(executor: str = "local", jobs: int = 1, gpus: list[str] | Non
 
 def create_runs(store: Store, experiment: Experiment, variants: list[str], samples: int | None,
                 launch: dict | None = None, sampling: dict | None = None) -> list[int]:
-    """Queue one run per variant; they form one batch (one Slurm job array). `sampling`
-    overrides keys of each config's sampling table (qtui's launch dialog: samples, seed, steps,
-    guidance)."""
+    """Queue one run per variant and seed, all in one transaction; they form one batch (one
+    Slurm job array). `sampling` overrides keys of each config's sampling table (qtui's launch
+    dialog: samples, seed, steps, guidance)."""
     commit, versions = git_commit(), package_versions()
     launch = launch or launch_options()
     batch = uuid.uuid4().hex[:12]
-    ids = []
+    configs = []
     for seed in experiment.run_seeds:  # one run per variant and seed, seed by seed
         for variant in variants:
             config = experiment.run_config(variant, samples, seed)
             if sampling:
                 config["sampling"].update(sampling)
-            ids.append(store.create_run(experiment.name, variant, config, config_hash(config), commit, versions,
-                                        executor=launch["executor"], launch=launch, batch=batch))
-    return ids
+            configs.append((variant, config))
+    with store.transaction():  # the whole batch or none of it (a Slurm array is the batch)
+        return [store.create_run(experiment.name, variant, config, config_hash(config), commit, versions,
+                                 executor=launch["executor"], launch=launch, batch=batch)
+                for variant, config in configs]
 
 
 def queue_runs(store: Store, experiment: Experiment, variants: list[str], samples: int | None,

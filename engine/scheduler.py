@@ -31,9 +31,10 @@ from pathlib import Path
 
 from engine.executor import LocalExecutor, RunHandle, pid_alive
 from engine.exit_reason import describe_exit, read_tail
-from engine.queue_store import (adopt_slurm_runs, beat, claim_local, claim_slurm_batch, fail_vanished_runs, live_schedulers,
-                                new_token, register_scheduler, release_dead_claims, retire_if_idle, rows,
-                                set_fields, unregister)
+from engine.queue_store import (adopt_slurm_runs, beat, claim_local, claim_slurm_batch, fail_vanished_runs,
+                                finish_and_release, live_schedulers, new_token, record_submission,
+                                register_scheduler, release_dead_claims, retire_if_idle, rows, set_fields,
+                                unregister)
 from engine.worker import momentary
 from engine.store import Store
 
@@ -224,10 +225,8 @@ class Scheduler:
                 self.store.finish_if_unfinished(run["id"], "failed", f"Slurm submission failed: {exc}")
             say(f"runs {[r['id'] for r in batch]}: Slurm submission failed: {exc}")
             return
-        for run, job_id in zip(batch, job_ids):
-            set_fields(self.store, run["id"], job_id=job_id, slurm_state="PENDING", host=socket.gethostname())
-            if self.store.get_run(run["id"])["status"] not in ("queued", "running"):
-                slurm.scancel(job_id)  # cancelled while it was being submitted
+        for _, job_id in record_submission(self.store, batch, job_ids):
+            slurm.scancel(job_id)  # cancelled while it was being submitted
         say(f"runs {[r['id'] for r in batch]}: submitted as Slurm jobs {', '.join(job_ids)}")
 
     def watch_slurm(self) -> None:
@@ -284,8 +283,7 @@ class Scheduler:
                 status, error = "failed", f"Slurm job {run['job_id']} COMPLETED without a result from the worker: {tail}"
             else:
                 status, error = "failed", f"Slurm job {run['job_id']} ended {described}" + (f": {tail}" if tail else "")
-        self.store.finish_if_unfinished(run["id"], status, error)
-        set_fields(self.store, run["id"], claimed_by=None)
+        finish_and_release(self.store, run["id"], status, error)
         say(f"run {run['id']}: {status}: {error}")
 
     def comparison(self, run_id: int) -> None:

@@ -12,6 +12,7 @@ import os
 import socket
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +75,43 @@ def retry_busy(step, deadline_s: float = BUSY_TIMEOUT_MS / 1000):
         pause = min(pause * 2, 0.25)
 
 
+@contextmanager
+def transaction(conn: sqlite3.Connection):
+    """One write transaction: the statements of the block commit together or not at all.
+
+    Needed because sqlite-utils (4.2) commits each of its write methods by itself when no
+    transaction is open, so `with conn:` around several of them is not one transaction: a
+    reader in another process saw a run `queued` before its folder was set. `BEGIN IMMEDIATE`
+    takes the write lock at the start, waiting out another writer for up to the busy timeout
+    and then raising "database is locked" (the CLI's one-line error, exit 2); reads inside the
+    block are then consistent with its writes. sqlite-utils' writes inside it join it (they
+    take a savepoint when a transaction is open). An exception, or a process killed before
+    COMMIT, leaves nothing of the block. Nested blocks are savepoints of the outer one."""
+    if conn.in_transaction:
+        name = f"nested_{os.urandom(4).hex()}"
+        conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:  # an error such as a full disk may have ended it already
+                conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                conn.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        conn.execute(f"RELEASE SAVEPOINT {name}")
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:  # the original error says more; SQLite rolls back on close
+                pass
+        raise
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -124,6 +162,10 @@ class Store:
     def close(self) -> None:
         self.db.conn.close()
 
+    def transaction(self):
+        """`with store.transaction():` the writes inside are one transaction (see `transaction`)."""
+        return transaction(self.db.conn)
+
     # ---------------------------------------------------------------- schema
     def _migrate(self) -> None:
         db = self.db
@@ -132,15 +174,10 @@ class Store:
             if self.schema_version() >= SCHEMA_VERSION:
                 return
         # Two processes may open (or upgrade) a database at once: do it under a write lock.
-        db.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db.conn):
             if "meta" not in db.table_names():
                 self._create_schema()
             self._upgrade()
-            db.conn.execute("COMMIT")
-        except BaseException:
-            db.conn.execute("ROLLBACK")
-            raise
         self._check_version()
 
     def _check_version(self) -> None:
@@ -242,14 +279,14 @@ class Store:
         Idempotent and safe when two processes open an old database at once."""
         if "protocol" not in self.db["runs"].columns_dict:
             try:
-                with self.db.conn:
+                with self.transaction():
                     self.db.conn.execute("alter table runs add column protocol text")
             except sqlite3.OperationalError as exc:
                 if "duplicate column" not in str(exc):
                     raise
         missing = self.db.execute("select id, config from runs where protocol is null").fetchall()
         if missing:
-            with self.db.conn:
+            with self.transaction():
                 self.db.conn.executemany(
                     "update runs set protocol = ? where id = ?",
                     [(protocol_hash(config or "{}"), run_id) for run_id, config in missing],
@@ -262,7 +299,7 @@ class Store:
         for name, kind in (("size", "integer"), ("sha256", "text")):
             if name not in have:
                 try:
-                    with self.db.conn:
+                    with self.transaction():
                         self.db.conn.execute(f"alter table artifacts add column {name} {kind}")
                 except sqlite3.OperationalError as exc:
                     if "duplicate column" not in str(exc):
@@ -284,9 +321,13 @@ class Store:
         launch: dict | None = None,
         batch: str | None = None,
     ) -> int:
-        with self.db.conn:
-            table = self.db["runs"].insert(
+        # Inserted complete, in one statement: a queued row is claimable at once, so it must
+        # never be seen without its folder (its id, and so its folder, is chosen under the lock).
+        with self.transaction() as conn:
+            run_id = conn.execute("select coalesce(max(id), 0) + 1 from runs").fetchone()[0]
+            self.db["runs"].insert(
                 {
+                    "id": run_id,
                     "experiment": experiment,
                     "variant": variant,
                     "status": "queued",
@@ -300,12 +341,10 @@ class Store:
                     "versions": json.dumps(versions or {}, sort_keys=True),
                     "launch": json.dumps(launch or {}, sort_keys=True),
                     "batch": batch,
+                    "folder": f"run-{run_id:05d}",
+                    "queue_pos": float(run_id),  # queued runs start in queue_pos order: at the end
                 }
             )
-            run_id = table.last_pk
-            folder = f"run-{run_id:05d}"
-            # queued runs start in queue_pos order: at the end of the queue
-            self.db["runs"].update(run_id, {"folder": folder, "queue_pos": float(run_id)})
         return run_id
 
     def run_folder(self, run_id: int) -> Path:
@@ -329,7 +368,7 @@ class Store:
     def mark_running(self, run_id: int, pid: int | None = None) -> bool:
         """queued -> running, atomically: False when the run is no longer queued (cancelled
         meanwhile, or another worker of the same run got there first)."""
-        with self.db.conn:
+        with self.transaction():
             cur = self.db.conn.execute(
                 "update runs set status = 'running', started_at = ?, heartbeat_at = ?, pid = ?, host = ? "
                 "where id = ? and status = 'queued'",
@@ -340,21 +379,21 @@ class Store:
     def set_pid(self, run_id: int, pid: int) -> None:
         """The launched worker's pid, while the run waits for it: a run already running keeps
         the pid of the worker that holds it (a second launch only finds it taken)."""
-        with self.db.conn:
+        with self.transaction():
             self.db.conn.execute("update runs set pid = ?, host = ? where id = ? and status = 'queued'",
                                  (pid, socket.gethostname(), run_id))
 
     def finish(self, run_id: int, status: str, error: str | None = None) -> None:
         if status not in FINISHED:
             raise ValueError(f"not a finished status: {status}")
-        with self.db.conn:
+        with self.transaction():
             self.db["runs"].update(
                 run_id, {"status": status, "error": error, "finished_at": utc_now()}
             )
 
     def finish_if_unfinished(self, run_id: int, status: str, error: str | None = None) -> bool:
         """Finish a run unless its worker already did; returns whether it changed it."""
-        with self.db.conn:
+        with self.transaction():
             cur = self.db.conn.execute(
                 "update runs set status = ?, error = ?, finished_at = ? "
                 "where id = ? and status in ('queued', 'running')",
@@ -363,7 +402,7 @@ class Store:
         return cur.rowcount > 0
 
     def heartbeat(self, run_id: int) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["runs"].update(run_id, {"heartbeat_at": time.time()})
 
     # ---------------------------------------------------------------- results
@@ -371,7 +410,7 @@ class Store:
         self, run_id: int, stage: str, done: int = 0, total: int = 0, message: str = ""
     ) -> None:
         now = time.time()
-        with self.db.conn:
+        with self.transaction():
             self.db["events"].insert(
                 {
                     "run_id": run_id,
@@ -389,7 +428,7 @@ class Store:
             {"run_id": run_id, "name": k, "value": None if v is None else float(v)}
             for k, v in metrics.items()
         ]
-        with self.db.conn:
+        with self.transaction():
             self.db["metrics"].upsert_all(rows, pk=("run_id", "name"))
 
     def put_layers(self, run_id: int, layers: list[dict]) -> None:
@@ -399,7 +438,7 @@ class Store:
             row = {"run_id": run_id, "idx": idx}
             row.update(layer)
             rows.append(row)
-        with self.db.conn:
+        with self.transaction():
             self.db["layers"].upsert_all(rows, pk=("run_id", "idx"), alter=True)
 
     def add_artifact(self, run_id: int, kind: str, path: str | Path, size: int | None = None,
@@ -410,7 +449,7 @@ class Store:
         if sha256 is None and Path(path).is_file():
             size, sha256 = fingerprint(path)
         row = {"run_id": run_id, "kind": kind, "path": self.relative(path), "size": size, "sha256": sha256}
-        with self.db.conn:
+        with self.transaction():
             self.db["artifacts"].insert(row)
 
     def relative(self, path: str | Path) -> str:

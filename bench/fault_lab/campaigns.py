@@ -110,5 +110,19 @@ def fuzz_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
         yield Outcome("fuzz", f"{examples} random catalogues, hypothesis seed {seed}", verdict)
 
 
+def claims_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
+    from bench.fault_lab.claims import claims_trial
+
+    for _ in range(1 if quick else 3 * rounds):
+        yield claims_trial(lab, rng, waves=2 if quick else 3, per_wave=2 if quick else 3)
+
+
+def atomic_fault(lab: Lab, rng: random.Random, rounds: int, quick: bool):
+    from bench.fault_lab.atomic import atomic_trials
+
+    yield from atomic_trials(lab, rng, rounds, quick)
+
+
 FAULTS = {"signal": signal_fault, "lock": lock_fault, "load": load_fault, "starts": starts_fault,
-          "disk": disk_fault, "readonly": readonly_fault, "corrupt": corrupt_fault, "fuzz": fuzz_fault}
+          "claims": claims_fault, "atomic": atomic_fault, "disk": disk_fault, "readonly": readonly_fault,
+          "corrupt": corrupt_fault, "fuzz": fuzz_fault}
