@@ -28,7 +28,6 @@ from torch import nn
 
 from engine.quant.dgq.attention import (
     QuantSoftmaxAttnProcessor,
-    SoftmaxRecorder,
     SoftmaxSettings,
     attention_modules,
     remove_softmax_buffers,
@@ -36,6 +35,7 @@ from engine.quant.dgq.attention import (
 )
 from engine.quant.dgq.groups import IndexStats, add_group_quant, plan_groups, remove_group_quant
 from engine.quant.dgq.log_quant import choose_delta
+from engine.quant.dgq.softmax_stats import SoftmaxRecorder
 from engine.quant.roles import ROLES, quantizable_layers
 
 Progress = Callable[..., None]
@@ -95,7 +95,7 @@ def install_processors(denoiser: nn.Module, softmax: SoftmaxSettings, seed: int)
     out = {}
     for i, (name, module) in enumerate(attention_modules(denoiser)):
         proc = QuantSoftmaxAttnProcessor(name, softmax)
-        proc.recorder = SoftmaxRecorder(softmax, seed + i)
+        proc.recorder = SoftmaxRecorder(softmax.start_fp and not softmax.minmax, seed + i)
         out[name] = (module, proc, module.processor)
         module.set_processor(proc)
     return out
