@@ -149,6 +149,7 @@ class QuantSoftmaxAttnProcessor:
                 if out is None:
                     out = block.new_empty(bh, queries, block.shape[-1])
                 out[chunk.heads, chunk.queries] = block
+            del probs, block  # before the next block's scores: one block's probabilities alive, not two
         if self.recorder is not None:
             self.recorder.end(bh, queries)
         return out
