@@ -12,9 +12,10 @@ import torch
 from engine.config import load_catalogue
 from engine.errors import ConfigError
 from engine.methods import validate_method
-from engine.quant.dgq.attention import QuantSoftmaxAttnProcessor, SoftmaxSettings, prompt_deltas, quantize_probs
+from engine.quant.dgq.attention import QuantSoftmaxAttnProcessor, SoftmaxSettings, quantize_rows
 from engine.quant.dgq.groups import IndexStats, fake_quant_groups, plan_groups
 from engine.quant.dgq.log_quant import PERCENTILES, choose_delta, fake_quant, log2_fake_quant, uniform_fake_quant
+from engine.quant.dgq.softmax_stats import row_maxima
 from engine.store import Store
 from tests.conftest import engine
 
@@ -138,16 +139,16 @@ def _probs(batch: int, heads: int, nq: int, nk: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("log", [True, False])
 def test_start_token_column_is_unchanged_bit_for_bit(log):
-    p4 = _probs(3, 2, 16, 8, seed=4)
+    probs = _probs(3, 2, 16, 8, seed=4).view(6, 16, 8)  # [prompts x heads, queries, keys]
     settings = SoftmaxSettings(bits=4, log=log, start_fp=True, prompt_scaling=True)
     delta, lo = torch.tensor(0.5), torch.tensor(0.0)
-    q = quantize_probs(p4, settings, cross=True, delta=delta, lo=lo)
-    assert torch.equal(q[..., 0], p4[..., 0])
-    assert not torch.equal(q[..., 1:], p4[..., 1:])
+    q = quantize_rows(probs, settings, cross=True, delta=delta, lo=lo)
+    assert torch.equal(q[..., 0], probs[..., 0])
+    assert not torch.equal(q[..., 1:], probs[..., 1:])
     # self-attention has no start token; and without start_fp the column is quantized too
-    assert not torch.equal(quantize_probs(p4, settings, cross=False, delta=delta, lo=lo)[..., 0], p4[..., 0])
+    assert not torch.equal(quantize_rows(probs, settings, cross=False, delta=delta, lo=lo)[..., 0], probs[..., 0])
     off = SoftmaxSettings(bits=4, log=log, start_fp=False, prompt_scaling=True)
-    assert not torch.equal(quantize_probs(p4, off, cross=True, delta=delta, lo=lo)[..., 0], p4[..., 0])
+    assert not torch.equal(quantize_rows(probs, off, cross=True, delta=delta, lo=lo)[..., 0], probs[..., 0])
 
 
 def _cross_attention():
@@ -168,26 +169,28 @@ def test_per_prompt_deltas_differ_within_a_batch_and_each_prompt_is_quantized_al
     hidden = torch.randn(4, 10, 16, generator=g)
     states = torch.randn(4, 6, 8, generator=g) * torch.tensor([0.3, 1.0, 3.0, 6.0]).view(4, 1, 1)
     seen = []
-    original = proc.process
+    original = proc.row_deltas
 
-    def spy(module, probs, cross):
-        if probs.shape[0] == 8:  # the batch of 4 prompts x 2 heads
-            seen.append(prompt_deltas(probs.view(4, 2, 10, 6), True))
-        return original(module, probs, cross)
+    def spy(maxima, heads):
+        deltas = original(maxima, heads)
+        if deltas.shape[0] == 8:  # the batch of 4 prompts x 2 heads
+            seen.append(deltas.view(4, 2))
+        return deltas
 
-    proc.process = spy
+    proc.row_deltas = spy
     with torch.no_grad():
         batch = attn(hidden, encoder_hidden_states=states)
         alone = torch.cat([attn(hidden[i : i + 1], encoder_hidden_states=states[i : i + 1]) for i in range(4)])
-    deltas = seen[0].flatten()
+    assert (seen[0][:, 0] == seen[0][:, 1]).all()  # one delta per prompt, shared by its heads
+    deltas = seen[0][:, 0]
     assert len(set(deltas.tolist())) == 4 and deltas.max() > 1.5 * deltas.min()
     torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
     # a delta shared by the batch (the largest prompt's) quantizes the other prompts differently
     p4 = _probs(2, 2, 10, 6, seed=6)
     p4[1] = p4[1] ** 3 / (p4[1] ** 3).sum(-1, keepdim=True)
-    per_prompt = quantize_probs(p4, proc.settings, True, torch.tensor(1.0), torch.tensor(0.0))
-    shared = fake_quant(p4, prompt_deltas(p4, True).max(), 4, True)
-    shared[..., 0] = p4[..., 0]
+    probs = p4.view(4, 10, 6)
+    per_prompt = quantize_rows(probs, proc.settings, True, proc.row_deltas(row_maxima(probs, True), 2), torch.tensor(0.0))
+    shared = quantize_rows(probs, proc.settings, True, row_maxima(probs, True).max(), torch.tensor(0.0))
     assert not torch.equal(per_prompt, shared)
 
 

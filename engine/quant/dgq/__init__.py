@@ -7,7 +7,9 @@ activations and attention scores, and the per-tensor min-max baseline it is comp
   the choice of delta by least squared error among high percentiles.
 - `attention`: an attention processor of qtui's own (diffusers' processor interface) that
   quantizes the softmax output, keeps the cross-attention start-token column in full
-  precision and scales delta per prompt.
+  precision and scales delta per prompt, a block of rows at a time.
+- `chunks`: the row blocks of an attention call, each under a bound of probabilities.
+- `softmax_stats`: calibration statistics of one module's probabilities, block by block.
 - `calibration`: calibrate with the full-precision model over the sampling trajectory, then
   quantize weights (RTN) and install the activation and attention quantizers.
 """

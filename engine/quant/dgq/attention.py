@@ -19,6 +19,14 @@ What is quantized, with `SoftmaxSettings`:
 
 The calibrated delta (and min for the baseline) are buffers of the Attention module
 (`softmax_delta`, `softmax_lo`), so they travel in the run's checkpoint.
+
+Memory: the probabilities are computed, recorded, quantized and multiplied with the values in
+row blocks of at most `chunk_elements` (`chunks.chunk_plan`), never as the whole [batch x heads,
+queries, keys] matrix. With per-prompt deltas and more than one block, a first pass over the
+blocks finds each prompt's maximum (scores and softmax only, no product with the values) and a
+second quantizes with it: the softmax is computed twice, the matrix never held. Every row is its
+own softmax, so the result is the unblocked computation's (bit for bit on the CPU, where the
+products of a block of rows are those of the whole).
 """
 
 from __future__ import annotations
@@ -28,11 +36,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.quant.dgq import chunks
+from engine.quant.dgq.chunks import Chunk, chunk_plan
 from engine.quant.dgq.log_quant import fake_quant, uniform_fake_quant
+from engine.quant.dgq.softmax_stats import SoftmaxRecorder, prompt_maxima, row_maxima
 
 BUFFERS = ("softmax_delta", "softmax_lo")
-SAMPLES_PER_CALL = 4096
-MAX_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -46,85 +55,33 @@ class SoftmaxSettings:
     def keeps_start(self, cross: bool) -> bool:
         return cross and self.start_fp and not self.minmax
 
-
-def as_per_prompt(probs: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B * heads, Nq, Nk] (diffusers' head_to_batch_dim order) -> [B, heads, Nq, Nk]."""
-    return probs.view(probs.shape[0] // heads, heads, *probs.shape[1:])
-
-
-def prompt_deltas(p4: torch.Tensor, keep_start: bool) -> torch.Tensor:
-    """Each prompt's maximum probability over heads, queries and (non-start) keys: [B, 1, 1, 1]."""
-    body = p4[..., 1:] if keep_start else p4
-    return body.amax(dim=(1, 2, 3), keepdim=True)
+    @property
+    def per_prompt(self) -> bool:
+        return self.prompt_scaling and not self.minmax
 
 
-def quantize_probs(p4: torch.Tensor, settings: SoftmaxSettings, cross: bool, delta: torch.Tensor,
-                   lo: torch.Tensor) -> torch.Tensor:
-    """The quantized probabilities [B, heads, Nq, Nk]; `delta`/`lo` are the stored buffers."""
+def quantize_rows(probs: torch.Tensor, settings: SoftmaxSettings, cross: bool, delta: torch.Tensor,
+                  lo: torch.Tensor) -> torch.Tensor:
+    """Quantized probabilities of a block [bh, q, k]; `delta` broadcasts against it (the stored
+    buffer, or each row's prompt delta [bh, 1, 1]), `lo` the stored buffer (min-max only)."""
     if settings.minmax:
-        return uniform_fake_quant(p4, lo, delta, settings.bits)
-    keep = settings.keeps_start(cross)
-    if settings.prompt_scaling:
-        delta = prompt_deltas(p4, keep)
-    # Quantizing the whole (contiguous) tensor and putting the start column back is faster
+        return uniform_fake_quant(probs, lo, delta, settings.bits)
+    # Quantizing the whole (contiguous) block and putting the start column back is faster
     # than quantizing a strided slice and concatenating; the column is the original, bit for bit.
-    q = fake_quant(p4, delta, settings.bits, settings.log)
-    if keep:
-        q[..., 0] = p4[..., 0]
+    q = fake_quant(probs, delta, settings.bits, settings.log)
+    if settings.keeps_start(cross):
+        q[..., 0] = probs[..., 0]
     return q
-
-
-class SoftmaxRecorder:
-    """Calibration statistics of one module's probabilities: min, max, a seeded sample of the
-    values its quantizer will see, the start token's mean share (cross-attention) and the mean
-    per-prompt delta."""
-
-    def __init__(self, settings: SoftmaxSettings, seed: int):
-        self.settings = settings
-        self.generator = torch.Generator().manual_seed(seed)
-        self.lo, self.hi = float("inf"), float("-inf")
-        self.samples: list[torch.Tensor] = []
-        self.kept = 0
-        self.start_sum = self.start_n = 0.0
-        self.delta_sum = self.prompts = 0.0
-        self.cross = None
-
-    def update(self, p4: torch.Tensor, cross: bool) -> None:
-        p4 = p4.detach().float()
-        self.cross = cross
-        keep = self.settings.keeps_start(cross)
-        body = p4[..., 1:] if keep else p4
-        self.lo, self.hi = min(self.lo, body.min().item()), max(self.hi, body.max().item())
-        if self.kept < MAX_SAMPLES:
-            flat = body.reshape(-1)
-            idx = torch.randint(0, flat.numel(), (min(SAMPLES_PER_CALL, flat.numel()),), generator=self.generator)
-            self.samples.append(flat[idx.to(flat.device)].cpu())
-            self.kept += idx.numel()
-        if cross:
-            self.start_sum += p4[..., 0].sum().item()
-            self.start_n += p4[..., 0].numel()
-        deltas = prompt_deltas(p4, keep)
-        self.delta_sum += deltas.sum().item()
-        self.prompts += deltas.numel()
-
-    def values(self) -> torch.Tensor:
-        return torch.cat(self.samples)
-
-    @property
-    def start_share(self) -> float | None:
-        return self.start_sum / self.start_n if self.start_n else None
-
-    @property
-    def mean_prompt_delta(self) -> float | None:
-        return self.delta_sum / self.prompts if self.prompts else None
 
 
 class QuantSoftmaxAttnProcessor:
     """diffusers' attention computation with the softmax output recorded (calibration) and/or
-    quantized (`active`) between the softmax and the product with the values."""
+    quantized (`active`) between the softmax and the product with the values, in row blocks of
+    at most `chunk_elements` probabilities (default `chunks.MAX_ELEMENTS`)."""
 
-    def __init__(self, name: str, settings: SoftmaxSettings):
+    def __init__(self, name: str, settings: SoftmaxSettings, chunk_elements: int | None = None):
         self.name, self.settings = name, settings
+        self.chunk_elements = chunks.MAX_ELEMENTS if chunk_elements is None else chunk_elements
         self.recorder: SoftmaxRecorder | None = None
         self.active = False
 
@@ -149,24 +106,70 @@ class QuantSoftmaxAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)
-        probs = self.process(attn, probs, cross)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        hidden_states = self.attend(attn, attn.head_to_batch_dim(query), key, value, attention_mask, cross)
+        hidden_states = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(hidden_states)))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def process(self, attn: nn.Module, probs: torch.Tensor, cross: bool) -> torch.Tensor:
-        p4 = as_per_prompt(probs, attn.heads)
+    def attend(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None, cross: bool) -> torch.Tensor:
+        """softmax(q k^T scale + mask), recorded and/or quantized, times v: [bh, q, d] per block
+        (diffusers' `get_attention_scores` on each block, so upcasting and masks are its own)."""
+        bh, queries, keys = query.shape[0], query.shape[1], key.shape[1]
+        plan = chunk_plan(bh, queries, keys, self.chunk_elements)
+
+        def probs_of(chunk: Chunk) -> torch.Tensor:
+            rows = mask
+            if mask is not None:
+                rows = mask[chunk.heads] if mask.shape[1] == 1 else mask[chunk.heads, chunk.queries]
+            return attn.get_attention_scores(query[chunk.heads, chunk.queries], key[chunk.heads], rows)
+
+        prompt_delta = None  # each head-batch row's delta [bh, 1, 1] with per-prompt scaling
+        if self.active and self.settings.per_prompt and len(plan) > 1:
+            prompt_delta = self.prompt_deltas(attn, plan, probs_of, cross)
         if self.recorder is not None:
-            self.recorder.update(p4, cross)
-        if not self.active:
-            return probs
-        out = quantize_probs(p4, self.settings, cross, attn.softmax_delta, attn.softmax_lo)
-        return out.reshape(probs.shape).to(probs.dtype)
+            self.recorder.begin(bh, queries, keys, attn.heads, cross)
+        out = None
+        for chunk in plan:
+            probs = probs_of(chunk)
+            if self.recorder is not None:
+                self.recorder.update(probs, chunk)
+            if self.active:
+                if self.settings.per_prompt and prompt_delta is None:  # one block: the whole matrix
+                    prompt_delta = self.row_deltas(row_maxima(probs, self.settings.keeps_start(cross)), attn.heads)
+                delta = attn.softmax_delta if prompt_delta is None else prompt_delta[chunk.heads]
+                probs = quantize_rows(probs, self.settings, cross, delta, attn.softmax_lo).to(probs.dtype)
+            block = torch.bmm(probs, value[chunk.heads])
+            if len(plan) == 1:
+                out = block
+            else:
+                if out is None:
+                    out = block.new_empty(bh, queries, block.shape[-1])
+                out[chunk.heads, chunk.queries] = block
+            del probs, block  # before the next block's scores: one block's probabilities alive, not two
+        if self.recorder is not None:
+            self.recorder.end(bh, queries)
+        return out
+
+    def prompt_deltas(self, attn: nn.Module, plan: list[Chunk], probs_of, cross: bool) -> torch.Tensor:
+        """First pass: each head-batch row's prompt delta [bh, 1, 1], block by block."""
+        keep = self.settings.keeps_start(cross)
+        maxima = None
+        for chunk in plan:
+            block = row_maxima(probs_of(chunk), keep)
+            if maxima is None:
+                maxima = torch.full((plan[-1].bh1,), float("-inf"), dtype=block.dtype, device=block.device)
+            rows = maxima[chunk.heads]
+            torch.maximum(rows, block, out=rows)
+        return self.row_deltas(maxima, attn.heads)
+
+    @staticmethod
+    def row_deltas(maxima: torch.Tensor, heads: int) -> torch.Tensor:
+        """Per-row maxima [bh] -> each row's prompt delta (its prompt's maximum over heads) [bh, 1, 1]."""
+        return prompt_maxima(maxima, heads).repeat_interleave(heads).view(-1, 1, 1)
 
 
 def attention_modules(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:

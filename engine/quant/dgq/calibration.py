@@ -14,6 +14,18 @@ Activation parameters are one set for the whole trajectory (not per timestep gro
 
 On an error before the weights are touched, the hooks and processors are removed and the
 model is left as it was.
+
+Memory. Calibration is one sampling pass through the whole model, so every layer's statistics
+are gathered at once; each is small and none grows with the number of samples or steps:
+- per quantized layer (`IndexStats`): min and max per input channel and per input position,
+  float32, on the activations' device: for Stable Diffusion 1.5 at 512 x 512 (282 layers,
+  294,340 input channels in all, at most 64 x 64 = 4096 positions a layer) at most 11 MiB;
+- per attention module (`softmax_stats.SoftmaxRecorder`): at most 1M sampled probabilities,
+  float32 on the CPU (4 MB; SD 1.5's 32 modules: at most 128 MB; 4096 a call, so 10.5 MB
+  with the defaults: 32 prompts in one batch, 20 steps), and a few numbers;
+- the attention probabilities themselves only a block at a time (`chunks`).
+The weights are then quantized by `engine.quant.quantize_` (RTN), whose report holds every
+layer's codes for the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +40,6 @@ from torch import nn
 
 from engine.quant.dgq.attention import (
     QuantSoftmaxAttnProcessor,
-    SoftmaxRecorder,
     SoftmaxSettings,
     attention_modules,
     remove_softmax_buffers,
@@ -36,6 +47,7 @@ from engine.quant.dgq.attention import (
 )
 from engine.quant.dgq.groups import IndexStats, add_group_quant, plan_groups, remove_group_quant
 from engine.quant.dgq.log_quant import choose_delta
+from engine.quant.dgq.softmax_stats import SoftmaxRecorder
 from engine.quant.roles import ROLES, quantizable_layers
 
 Progress = Callable[..., None]
@@ -95,7 +107,7 @@ def install_processors(denoiser: nn.Module, softmax: SoftmaxSettings, seed: int)
     out = {}
     for i, (name, module) in enumerate(attention_modules(denoiser)):
         proc = QuantSoftmaxAttnProcessor(name, softmax)
-        proc.recorder = SoftmaxRecorder(softmax, seed + i)
+        proc.recorder = SoftmaxRecorder(softmax.start_fp and not softmax.minmax, seed + i)
         out[name] = (module, proc, module.processor)
         module.set_processor(proc)
     return out

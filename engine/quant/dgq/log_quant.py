@@ -47,7 +47,7 @@ def nearest_power_of_two(y: torch.Tensor) -> torch.Tensor:
 def log2_fake_quant(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
     """delta * 2^-clamp(round(-log2(x / delta)), 0, 2^bits - 1), as `log2_codes` (x >= 0)."""
     delta = _safe(delta).float()
-    y = nearest_power_of_two(x.float() / delta)
+    y = nearest_power_of_two(x.to(torch.float32, copy=True).div_(delta))  # one float32 copy of x, also from half
     smallest = 2.0 ** -(2**bits - 1)  # the last level (0 in float32 for 8 bits: 2^-255 underflows)
     return y.clamp_(smallest, 1.0).mul_(delta).to(x.dtype)
 
