@@ -111,12 +111,14 @@ def _load_model(run: dict):
 
 
 def check_loads_into_model(run: dict, checkpoint: Path) -> list[str]:
-    """The checkpoint, through `load_packed`, into the run's freshly loaded model (strict)."""
-    from engine.methods import load_quantized
-    from engine.quant.packing import load_packed
+    """The checkpoint, streamed into the run's freshly loaded model (strict)."""
+    from engine.methods import load_quantized_file
+    from engine.quant.packing import PackedState, iter_packed
 
     try:
-        state = load_packed(checkpoint)
+        PackedState(checkpoint)
+        for _ in iter_packed(checkpoint):  # read whole, every layer unpacked: damage is named first
+            pass
     except DamagedFile as exc:
         return [exc.problem]
     try:
@@ -124,7 +126,9 @@ def check_loads_into_model(run: dict, checkpoint: Path) -> list[str]:
     except Exception as exc:  # the model folder moved or is damaged: cannot check the fit
         return [f"cannot be checked against the run's model ({type(exc).__name__}: {exc})"]
     try:
-        load_quantized(model.denoiser, config.method, config.params, state)
+        load_quantized_file(model.denoiser, config.method, config.params, checkpoint)
+    except DamagedFile as exc:
+        return [exc.problem]
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()
         return [f"does not load into the run's model ({' '.join(line.strip() for line in first[:3])})"]

@@ -69,6 +69,17 @@ def quantize_model(ctx: QuantContext) -> QuantResult:
     return method_spec(ctx.run.method).quantize(ctx)
 
 
+def load_quantized_file(denoiser, method: str, params: dict, path) -> None:
+    """`load_quantized` from a packed checkpoint file, streamed into the denoiser one tensor at a
+    time (`engine.quant.packing.load_packed_into`): no float32 copy of the model is made."""
+    from engine.quant.packing import PackedState, load_packed_into
+
+    prepare = method_spec(method).prepare_load
+    if prepare is not None:
+        prepare(denoiser, params, PackedState(path))
+    load_packed_into(denoiser, path)
+
+
 def load_quantized(denoiser, method: str, params: dict, state: dict) -> None:
     """Load a run's stored state (`engine.quant.load_packed`) into a freshly loaded
     full-precision denoiser, strictly: the method first adds what the state expects (its
@@ -80,4 +91,4 @@ def load_quantized(denoiser, method: str, params: dict, state: dict) -> None:
 
 
 __all__ = ["BadKey", "METHODS", "ROLES", "MethodSpec", "QuantContext", "QuantResult", "check_against_model",
-           "describe_bits", "describe_run", "load_quantized", "method_spec", "quantize_model", "validate_method"]
+           "describe_bits", "describe_run", "load_quantized", "load_quantized_file", "method_spec", "quantize_model", "validate_method"]

@@ -33,6 +33,7 @@ import json
 import math
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Iterable, Iterator
 
 import torch
@@ -356,8 +357,50 @@ def load_packed(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_packed_codes(path: str | Path) -> dict[str, QuantizedTensor]:
     """The quantized layers of a packed file as stored: codes, scales, zero points (what a
-    requantization must reproduce)."""
-    return read_packed(path, keep_codes=True)[1]
+    requantization must reproduce); no float copy of the model is kept."""
+    return {key.removesuffix(".weight"): qt for key, _, qt in iter_packed(path) if qt is not None}
+
+
+class PackedState(Mapping):
+    """A packed file's state dict (as `load_packed` gives it), read lazily: its keys come from
+    the header, a plain tensor is read when asked for. What a method's `prepare_load` needs (which
+    buffers the checkpoint holds, and their small values) without loading the model twice."""
+
+    def __init__(self, path: str | Path):
+        from engine.errors import DamagedFile
+        from engine.file_checks import check_safetensors
+
+        self.path = Path(path)
+        header = check_safetensors(path)
+        meta = header.get("__metadata__") or {}
+        try:
+            info = json.loads(meta[META_KEY]) if META_KEY in meta else None
+            layers = _parse_layers(info) if info is not None else []
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise DamagedFile(path, f"not a valid packed checkpoint: {exc}") from None
+        quant = set(QUANT_KEYS) if info is not None else set()
+        self._plain = [k for k in header if k != "__metadata__" and k not in quant]
+        self._layers = [f"{name}.{part}" for name, _, _, _, has_bias, _ in layers
+                        for part in (("weight", "bias") if has_bias else ("weight",))]
+
+    def __iter__(self):
+        return iter(self._plain + self._layers)
+
+    def __len__(self) -> int:
+        return len(self._plain) + len(self._layers)
+
+    def __contains__(self, key) -> bool:
+        return key in self._plain or key in self._layers
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._plain:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                t = f.get_tensor(key)
+            return t.float() if t.is_floating_point() else t
+        for name, value, _ in iter_packed(self.path):  # a quantized layer: rarely asked for
+            if name == key:
+                return value
+        raise KeyError(key)
 
 
 def read_packed(path: str | Path, keep_codes: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
@@ -457,26 +500,27 @@ def _check_totals(header: dict, layers, version: int) -> None:
 
 def load_packed_into(module: nn.Module, path: str | Path, expect_equal: bool = False) -> None:
     """Load a packed file into `module` in place, one tensor at a time, casting each to the
-    parameter's dtype: no float32 copy of the model is made. Strict: the file's keys must be
-    exactly the module's state-dict keys. With `expect_equal`, each tensor must already equal
-    the module's (the simulated quantized model the file was written from), else ValueError."""
+    parameter's dtype: no float32 copy of the model is made. Strict, as `load_state_dict`: the
+    file's keys must be exactly the module's state-dict keys, checked before anything is copied
+    (RuntimeError naming the missing and unexpected keys). With `expect_equal`, each tensor must
+    already equal the module's (the simulated quantized model the file was written from)."""
     state = module.state_dict(keep_vars=True)
-    seen = set()
+    keys = set(PackedState(path))
+    missing, unexpected = sorted(set(state) - keys), sorted(keys - set(state))
+    if missing or unexpected:
+        shown = lambda names: ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts = ([f"Missing key(s) in state_dict: {shown(missing)}"] if missing else []) + \
+                ([f"Unexpected key(s) in state_dict: {shown(unexpected)}"] if unexpected else [])
+        raise RuntimeError(f"{path}: " + "; ".join(parts))
     for key, value, _ in iter_packed(path):
-        if key not in state:
-            raise ValueError(f"{path}: {key} is not in the model's state dict")
         target = state[key]
         if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(target.shape)}")
+            raise RuntimeError(f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(target.shape)}")
         value = value.to(target.dtype)
         if expect_equal and not torch.equal(value.to(target.device), target.detach()):
             raise RuntimeError(f"{path}: {key} differs from the simulated quantized weight")
         with torch.no_grad():
             target.data.copy_(value)
-        seen.add(key)
-    missing = sorted(set(state) - seen)
-    if missing:
-        raise ValueError(f"{path}: the file lacks {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
 
 
 def packed_breakdown(path: str | Path) -> dict[str, int]:
