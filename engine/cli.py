@@ -112,12 +112,14 @@ def cmd_run(args) -> int:
     from rich.console import Console
 
     from engine.runner import run_experiment
+    from engine.settings import load_settings
 
     experiment, variants, launch = chosen_runs(args)
+    grace = load_settings(args.experiments).cancel_grace_s
     console = Console()
     store = open_store(args)
     try:
-        ids = run_experiment(store, experiment, variants, args.samples, launch["jobs"], console, launch)
+        ids = run_experiment(store, experiment, variants, args.samples, launch["jobs"], console, launch, grace)
     except KeyboardInterrupt:
         return 130
     return show_outcome(store, ids, f"{experiment.name} ({store.runs_dir / 'qtui.db'})", console)
@@ -197,21 +199,29 @@ def cmd_queue_add(args) -> int:
 
 
 def cmd_queue_cancel(args) -> int:
-    from engine.executor import cancel_run
+    from engine.executor import cancel_runs
+    from engine.settings import load_settings
 
+    grace = load_settings(args.experiments).cancel_grace_s
     store = open_store(args, create=False)
     code = 0
+    chosen = []
     for run_id in args.run:
         run = store.db["runs"].get(run_id) if store.db["runs"].count_where("id = ?", [run_id]) else None
         if run is None:
             print(f"error: no run {run_id} in {store.runs_dir / 'qtui.db'}", file=sys.stderr)
             code = 2
-            continue
-        if run["status"] not in ("queued", "running"):
+        elif run["status"] not in ("queued", "running"):
             print(f"run {run_id} is {run['status']}: nothing to cancel")
-            continue
-        if cancel_run(store, run_id):
+        else:
+            chosen.append(run)
+    killed = {s.run_id for s in cancel_runs(store, [r["id"] for r in chosen], grace) if s.killed}
+    for run in chosen:
+        run_id = run["id"]
+        if store.get_run(run_id)["status"] == "cancelled":
             via = f" (scancel {run['job_id']})" if run.get("job_id") else ""
+            if run_id in killed:
+                via += f" (killed: still running {grace:g} s after SIGTERM)"
             print(f"cancelled run {run_id}{via}")
         else:
             now = store.get_run(run_id)
@@ -251,7 +261,7 @@ def cmd_rerun(args) -> int:
         return 0
     console = Console()
     try:
-        follow_runs(store, ids, launch, console)
+        follow_runs(store, ids, launch, console, settings.cancel_grace_s)
     except KeyboardInterrupt:
         return 130
     return show_outcome(store, ids, f"re-runs ({store.runs_dir / 'qtui.db'})", console)

@@ -4,7 +4,10 @@ The local executor starts `python -u -m engine.worker --runs-dir D --run-id N` i
 session (so Ctrl-C in a terminal or quitting qtui does not reach it), with its output (JSON
 lines) going to `runs_dir/run-NNNNN/worker.log`, and `CUDA_VISIBLE_DEVICES` set to its GPU
 when the scheduler has a GPU pool. The worker records its own status, progress and results in
-SQLite, so whoever started it may go away. The Slurm executor is `engine.slurm`. Torch-free.
+SQLite, so whoever started it may go away. The Slurm executor is `engine.slurm`. Cancelling
+a local run sends SIGTERM to its worker's process group and SIGKILL once the cancel grace
+(`cancel_grace_s` of qtui.toml) is over: inside a long torch operation the worker's SIGTERM
+handler runs only when the operation returns. Torch-free.
 
 `QTUI_WORKER_COMMAND` (a JSON list) replaces `python -u -m engine.worker` in front of
 `--runs-dir D --run-id N`: a hook for wrappers (profilers, `nice`) and for tests' stand-in
@@ -24,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from engine.settings import CANCEL_GRACE_S
 
 if TYPE_CHECKING:  # the store pulls in sqlite-utils; lost-run checks must stay cheap for qtui
     from engine.store import Store
@@ -121,40 +126,85 @@ def display_status(run: dict) -> str:
     return "lost" if is_lost(run) else run.get("status") or "queued"
 
 
-def stop_process(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM the worker's process group, then SIGKILL it if it is still there after grace."""
+@dataclass
+class Stop:
+    """A local worker told to stop: SIGTERM to its process group was sent; SIGKILL follows at
+    `deadline` if the worker is still there (inside a long torch operation, a Python signal
+    handler runs only once the operation returns)."""
+    run_id: int
+    pid: int
+    deadline: float
+    grace: float
+    killed: bool = False
+
+
+def signal_group(pid: int, signum: int) -> None:
     try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.time() + grace
-    while time.time() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def cancel_run(store: Store, run_id: int, grace: float = 5.0) -> bool:
-    """Cancel a queued or running run: a waiting one leaves the queue, a local worker of this
-    host gets SIGTERM (then SIGKILL), a Slurm job gets scancel. Returns whether the run ended up
-    cancelled (by us, or by its worker's own SIGTERM handler)."""
+def begin_cancel(store: Store, run_id: int, grace: float = CANCEL_GRACE_S) -> Stop | None:
+    """Mark a run for cancellation and start stopping it: a waiting run leaves the queue, a
+    Slurm job gets scancel (Slurm escalates to SIGKILL itself), a local worker of this host gets
+    SIGTERM and is returned as a Stop for `settle`. A local worker of another host cannot be
+    stopped from here: its run stays running."""
     from engine.queue_store import request_cancel
 
     run = request_cancel(store, run_id)
     if run["status"] not in ("queued", "running"):
-        return run["status"] == "cancelled"
+        return None
     if (run.get("executor") or "local") == "slurm":
         if run.get("job_id"):
             from engine.slurm import scancel
 
             scancel(run["job_id"])
     elif run.get("host") == socket.gethostname() and pid_alive(run.get("pid")):
-        stop_process(run["pid"], grace)
+        signal_group(run["pid"], signal.SIGTERM)
+        return Stop(run_id, run["pid"], time.time() + grace, grace)
     elif run["status"] == "running" and run.get("host") != socket.gethostname():
-        return False  # a local worker of another host: only its own host can stop it
+        return None
     store.finish_if_unfinished(run_id, "cancelled", "cancelled by the user")
+    return None
+
+
+def settle(store: Store, stop: Stop, now: float | None = None) -> bool:
+    """Whether a stop is over: its worker has exited, or its grace is over and it is killed now
+    (its whole process group). The run is then recorded cancelled, unless its worker recorded
+    an outcome first (its own SIGTERM handler, or a result just before the signal)."""
+    if pid_alive(stop.pid):
+        if (time.time() if now is None else now) < stop.deadline:
+            return False
+        signal_group(stop.pid, signal.SIGKILL)
+        stop.killed = True
+    error = "cancelled by the user"
+    if stop.killed:
+        error += f" (its worker ignored SIGTERM for {stop.grace:g} s and was killed)"
+    store.finish_if_unfinished(stop.run_id, "cancelled", error)
+    return True
+
+
+def cancel_runs(store: Store, run_ids: list[int], grace: float = CANCEL_GRACE_S) -> list[Stop]:
+    """Cancel runs (`begin_cancel`), then wait for their local workers together: each one gets
+    SIGKILL once `grace` seconds have passed since its SIGTERM, so no cancel takes longer than
+    the grace (whatever the number of runs). A Ctrl-C during the wait kills them at once.
+    Returns the stops (`killed`: the worker needed SIGKILL)."""
+    stops = [s for s in (begin_cancel(store, run_id, grace) for run_id in run_ids) if s is not None]
+    pending = list(stops)
+    try:
+        while pending:
+            pending = [s for s in pending if not settle(store, s)]
+            if pending:
+                time.sleep(0.05)
+    except KeyboardInterrupt:  # asked again: no more waiting
+        for stop in pending:
+            settle(store, stop, now=stop.deadline)
+    return stops
+
+
+def cancel_run(store: Store, run_id: int, grace: float = CANCEL_GRACE_S) -> bool:
+    """Cancel one run, waiting at most `grace` seconds for its worker. Returns whether the run
+    ended up cancelled (by us, or by its worker's own SIGTERM handler)."""
+    cancel_runs(store, [run_id], grace)
     return store.get_run(run_id)["status"] == "cancelled"

@@ -97,7 +97,8 @@ def unregister(store: Store, token: str) -> None:
 
 def fail_vanished_runs(store: Store, own: set[int] = frozenset()) -> list[int]:
     """Local runs of this host recorded as running whose worker process is gone, with no
-    scheduler left to reap it (its scheduler was killed first): failed, with that reason, so
+    scheduler left to reap it (its scheduler was killed first): failed, with that reason (or
+    cancelled, when the user asked for it), so
     that they are not left `running` (shown as lost) for ever. `own`: this scheduler's
     children, which `Scheduler.reap` records with their exit status instead. The update is
     conditional on the same pid, so a worker that records its own outcome meanwhile wins."""
@@ -113,9 +114,12 @@ def fail_vanished_runs(store: Store, own: set[int] = frozenset()) -> list[int]:
     for run in candidates:
         if run["id"] in own or run["claimed_by"] in watched or not run["pid"] or pid_alive(run["pid"]):
             continue
+        # a cancelled run whose canceller died before recording it (its worker killed after
+        # the grace) is cancelled all the same
         with store.transaction():
             cur = store.db.conn.execute(
-                "update runs set status = 'failed', finished_at = ?, error = ? "
+                "update runs set status = case when cancel_requested then 'cancelled' else 'failed' end, "
+                "finished_at = ?, error = case when cancel_requested then 'cancelled by the user' else ? end "
                 "where id = ? and status = 'running' and pid = ?",
                 (utc_now(), f"its worker (pid {run['pid']}) vanished while no scheduler watched it; re-run it",
                  run["id"], run["pid"]),

@@ -1,6 +1,7 @@
 """`engine run`: queue the runs, make sure a scheduler drains the queue, show Rich progress
 from the workers' JSON lines, and end with the results table. Ctrl-C cancels this command's
-runs (queued ones leave the queue, running ones are stopped), and only those.
+runs (queued ones leave the queue, running ones are stopped: SIGTERM, then SIGKILL after the
+cancel grace of qtui.toml, or at once on a second Ctrl-C), and only those.
 
 The runs are rows of the persistent queue (`engine.queue_store`); the scheduler process
 (`engine.scheduler`) starts them, locally or on Slurm, so this command may go away at any
@@ -21,8 +22,9 @@ from rich.table import Table
 
 from engine.config import Experiment, config_hash
 from engine.export import TEXT_KEYS, cell, display_rows, is_best, result_rows, visible_columns
-from engine.executor import LOG_NAME, cancel_run
+from engine.executor import LOG_NAME, cancel_runs
 from engine.scheduler import ensure_scheduler
+from engine.settings import CANCEL_GRACE_S
 from engine.store import FINISHED, Store
 
 
@@ -130,15 +132,18 @@ def requeue(store: Store, run: dict, launch: dict) -> int:
 
 
 def run_experiment(store: Store, experiment: Experiment, variants: list[str], samples: int | None,
-                   jobs: int = 1, console: Console | None = None, launch: dict | None = None) -> list[int]:
+                   jobs: int = 1, console: Console | None = None, launch: dict | None = None,
+                   cancel_grace: float = CANCEL_GRACE_S) -> list[int]:
     launch = launch or launch_options(jobs=jobs)
     ids = queue_runs(store, experiment, variants, samples, launch)
-    follow_runs(store, ids, launch, console)
+    follow_runs(store, ids, launch, console, cancel_grace)
     return ids
 
 
-def follow_runs(store: Store, ids: list[int], launch: dict, console: Console | None = None) -> None:
-    """Rich progress of the runs `ids` until all have finished. Ctrl-C cancels them."""
+def follow_runs(store: Store, ids: list[int], launch: dict, console: Console | None = None,
+                cancel_grace: float = CANCEL_GRACE_S) -> None:
+    """Rich progress of the runs `ids` until all have finished. Ctrl-C cancels them, waiting at
+    most `cancel_grace` seconds for their workers (a second Ctrl-C kills them at once)."""
     console = console or Console()
     seeds = {i: json.loads(store.get_run(i)["config"])["sampling"]["seed"] for i in ids}
     several = len(set(seeds.values())) > 1
@@ -176,9 +181,9 @@ def follow_runs(store: Store, ids: list[int], launch: dict, console: Console | N
                     last_ensure = time.time()
                 time.sleep(0.2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: cancelling this command's runs[/yellow]")
-        for run_id in ids:
-            cancel_run(store, run_id)
+        console.print(f"[yellow]interrupted: cancelling this command's runs (workers still there after "
+                      f"{cancel_grace:g} s are killed; Ctrl-C again kills them now)[/yellow]")
+        cancel_runs(store, ids, cancel_grace)
         raise
 
 

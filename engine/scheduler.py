@@ -137,7 +137,8 @@ class Scheduler:
             for run_id in adopt_slurm_runs(self.store, self.token):
                 say(f"run {run_id}: Slurm run adopted")
             for run_id in fail_vanished_runs(self.store, set(self.children)):
-                say(f"run {run_id}: its worker vanished while no scheduler watched it: failed")
+                say(f"run {run_id}: its worker vanished while no scheduler watched it: "
+                    f"{self.store.get_run(run_id)['status']}")
             self.last_release = now
         self.reap()
         self.start_local()
@@ -160,8 +161,11 @@ class Scheduler:
                 say(f"run {run_id}: worker {handle.process.pid} exited ({code}); the run is held by pid {holder}")
                 continue
             if run.get("cancel_requested"):
-                # stopped by a cancel whose caller has not recorded it yet
+                # stopped by a cancel whose caller has not recorded it yet (SIGKILL included:
+                # a worker inside a long operation is killed after the cancel's grace)
                 status, error = "cancelled", "cancelled by the user"
+                if code == -signal.SIGKILL:
+                    error += " (its worker ignored SIGTERM and was killed)"
             elif code != 0:
                 error = describe_exit(code, read_tail(handle.log_path))
             else:

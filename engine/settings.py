@@ -4,6 +4,7 @@
     executor = "local"        # or "slurm"
     jobs = 1                  # runs at once on this machine without a GPU pool
     gpus = "all"              # or [0, 1, 3] or "0,1,3": one run per GPU
+    cancel_grace_s = 10       # a cancelled worker still there this long after SIGTERM gets SIGKILL
 
     [slurm]
     partition = "gpu"
@@ -23,6 +24,7 @@ ConfigError naming the file, the key and its line. Torch-free.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -34,7 +36,8 @@ from engine.errors import ConfigError
 
 SETTINGS_NAME = "qtui.toml"
 EXECUTORS = ("local", "slurm")
-ENGINE_KEYS = {"executor", "jobs", "gpus"}
+ENGINE_KEYS = {"executor", "jobs", "gpus", "cancel_grace_s"}
+CANCEL_GRACE_S = 10.0  # seconds from SIGTERM to SIGKILL when a run is cancelled
 SLURM_KEYS = {"partition", "gpus_per_run", "cpus_per_run", "mem", "time", "account", "qos",
               "array_parallelism", "python", "extra", "signal_delay_s"}
 
@@ -63,6 +66,7 @@ class Settings:
     executor: str = "local"
     jobs: int = 1
     gpus: list[str] | None = None  # None: no GPU pool
+    cancel_grace_s: float = CANCEL_GRACE_S
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
 
@@ -169,6 +173,10 @@ def load_settings(experiments: str | Path = "experiments.toml") -> Settings:
         fail("jobs", f"must be a whole number of at least 1, got {jobs!r}")
     settings.jobs = jobs
     settings.gpus = parse_gpus(engine.get("gpus"), fail)
+    grace = engine.get("cancel_grace_s", CANCEL_GRACE_S)
+    if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not math.isfinite(grace) or grace < 0:
+        fail("cancel_grace_s", f"must be a number of seconds (at least 0), got {grace!r}")
+    settings.cancel_grace_s = float(grace)
 
     s = SlurmSettings()
     sfail = lambda key, message: fail(key, message, "slurm")

@@ -2,12 +2,14 @@
 
 The UI thread never touches SQLite for writing. It calls `launch`, `rerun`, `rerun_failed`,
 `cancel` and `move`, which only put a command on a queue; the thread executes them and
-reports back through `notify(text, error)`. Queued runs are rows of the engine's persistent
-queue, started by a scheduler process (`engine.scheduler`) that this thread starts on demand
-in its own session, exactly as `engine run` does: quitting qtui or closing its terminal stops
-neither the runs nor the queue. How runs are launched (local, GPU pool, Slurm) comes from
-`qtui.toml` beside experiments.toml (`engine.settings`), with `--max-parallel` as the
-local concurrency limit.
+reports back through `notify(text, error)`. A cancel does not hold the thread up: the worker
+gets SIGTERM, and the thread kills it (SIGKILL) between commands if it is still there after
+`cancel_grace_s` of qtui.toml; quitting qtui kills those still waiting at once. Queued runs
+are rows of the engine's persistent queue, started by a scheduler process
+(`engine.scheduler`) that this thread starts on demand in its own session, exactly as
+`engine run` does: quitting qtui or closing its terminal stops neither the runs nor the
+queue. How runs are launched (local, GPU pool, Slurm) comes from `qtui.toml` beside
+experiments.toml (`engine.settings`), with `--max-parallel` as the local concurrency limit.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Launcher(threading.Thread):
         self.store = None
         self.options: dict | None = None  # engine.runner.launch_options, read in the thread
         self.settings = None  # engine.settings.Settings of qtui.toml, read in the thread
+        self.stops: list = []  # engine.executor.Stop: cancelled workers not gone yet
 
     # ---------------------------------------------------------------- called from the UI
     def launch(self, experiment, variants: list[str], overrides: dict | None = None,
@@ -79,12 +82,15 @@ class Launcher(threading.Thread):
                 self._do(("resume",))
             while not self._stopping.is_set():
                 try:
-                    command = self.commands.get(timeout=self.interval)
+                    command = self.commands.get(timeout=0.1 if self.stops else self.interval)
                 except queue.Empty:
                     command = None
                 if command is not None and command[0] != "wake":
                     self._do(command)
+                if self.stops:
+                    self._settle_stops()
         finally:
+            self._kill_stops()
             if self.store is not None:
                 self.store.close()
 
@@ -182,16 +188,53 @@ class Launcher(threading.Thread):
             self.notify(f"run #{run_id} is not waiting in the queue (or is already at that end)", True)
 
     def _cancel(self, run_id: int) -> None:
-        from engine.executor import cancel_run
+        from engine.executor import begin_cancel
+        from engine.settings import CANCEL_GRACE_S
 
         run = self.store.get_run(run_id)
         if run["status"] not in ("queued", "running"):
             self.notify(f"run #{run_id} is {run['status']}: nothing to cancel", True)
             return
-        cancel_run(self.store, run_id)  # the worker may record the cancellation itself
+        grace = self.settings.cancel_grace_s if self.settings is not None else CANCEL_GRACE_S
+        stop = begin_cancel(self.store, run_id, grace)
+        if stop is not None:  # SIGTERM sent: settled between commands
+            self.stops.append(stop)
+            return
+        self._cancelled(run_id)
+
+    def _settle_stops(self) -> None:
+        from engine.executor import settle
+        from engine.worker import momentary
+
+        for stop in list(self.stops):
+            try:
+                if not settle(self.store, stop):
+                    continue
+            except Exception as exc:
+                if momentary(exc):  # a busy database: tried again on the next round
+                    continue
+                self.notify(f"cancel of run #{stop.run_id}: {exc}", True)
+            self.stops.remove(stop)
+            self._cancelled(stop.run_id, stop.killed)
+            self.on_change()
+
+    def _kill_stops(self) -> None:
+        """Quitting: cancelled workers still there are killed now, not left to their grace."""
+        from engine.executor import settle
+
+        for stop in self.stops:
+            try:
+                settle(self.store, stop, now=stop.deadline)
+            except Exception:  # recorded by their scheduler (the cancel was requested)
+                pass
+        self.stops.clear()
+
+    def _cancelled(self, run_id: int, killed: bool = False) -> None:
+        """Say how a cancel ended."""
         run = self.store.get_run(run_id)
         if run["status"] == "cancelled":
-            self.notify(f"cancelled run #{run_id}", False)
+            self.notify(f"cancelled run #{run_id}" + (" (its worker ignored SIGTERM: killed)" if killed else ""),
+                        False)
         elif run["status"] in ("done", "failed"):
             self.notify(f"run #{run_id} finished ({run['status']}) before it could be cancelled", False)
         else:

@@ -1,7 +1,9 @@
 """A stand-in for `engine.worker` in qtui's process tests: same command line, same store
 writes and JSON-line output, no torch. Its behaviour comes from the environment:
-FAKE_WORKER_MODE (done | fail | hang), FAKE_WORKER_STEPS and FAKE_WORKER_DELAY (seconds per
-sampling step). Tests point `engine.executor.worker_command` at it with `use_fake_worker`.
+FAKE_WORKER_MODE (done | fail | hang | stuck: hangs with SIGTERM blocked, as a worker inside
+a long torch operation whose signal handler cannot run until it returns), FAKE_WORKER_STEPS
+and FAKE_WORKER_DELAY (seconds per sampling step). Tests point
+`engine.executor.worker_command` at it with `use_fake_worker`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,6 +40,8 @@ def emit(**fields) -> None:
 
 
 def main() -> int:
+    if os.environ.get("FAKE_WORKER_MODE") == "stuck":  # first: later threads inherit the mask
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     sys.path.insert(0, str(HERE.parent))
     from engine.store import Store
 
@@ -44,7 +49,7 @@ def main() -> int:
     parser.add_argument("--runs-dir", required=True)
     parser.add_argument("--run-id", type=int, required=True)
     args = parser.parse_args()
-    mode = os.environ.get("FAKE_WORKER_MODE", "done")
+    mode = os.environ.get("FAKE_WORKER_MODE", "done").replace("stuck", "hang")
     steps = int(os.environ.get("FAKE_WORKER_STEPS", "20"))
     delay = float(os.environ.get("FAKE_WORKER_DELAY", "0.02"))
 

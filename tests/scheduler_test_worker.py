@@ -3,7 +3,10 @@
 It appends one line per start to $SCHED_RECORD ("run_id pid CUDA_VISIBLE_DEVICES start end"),
 marks its run running, sleeps $SCHED_SLEEP seconds and finishes it done. With `--remote` it
 writes its run folder instead (engine.run_files.FileStore) and may not open the database;
-SCHED_HANG=1 makes it sleep until it is stopped (Slurm's time limit, scancel).
+SCHED_HANG=1 makes it sleep until it is stopped (Slurm's time limit, scancel). SCHED_HANG=block
+stands in for a worker inside a long torch operation, where a Python SIGTERM handler runs only
+once the operation returns: SIGTERM is blocked (pending, not lost) from its start for SCHED_BLOCK_S seconds (default 60), then the handler runs and records the
+run cancelled.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
+    hang = os.environ.get("SCHED_HANG")
+    if hang == "block":  # first: threads started later (by imports) inherit the mask
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs-dir", required=True)
     parser.add_argument("--run-id", type=int, required=True)
@@ -52,10 +58,16 @@ def main() -> int:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stopped)
-    if os.environ.get("SCHED_HANG") == "1":
+    if hang == "1":
         while True:
             store.heartbeat(args.run_id)
             time.sleep(1)
+    if hang == "block":
+        end = time.time() + float(os.environ.get("SCHED_BLOCK_S", "60"))
+        while time.time() < end:  # the long operation
+            store.heartbeat(args.run_id)
+            time.sleep(0.2)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # it returns: the handler runs
     time.sleep(float(os.environ.get("SCHED_SLEEP", "0.3")))
     store.add_event(args.run_id, "sampling", 1, 1)
     store.put_metrics(args.run_id, {"fid": float(args.run_id)})

@@ -745,6 +745,34 @@ async def test_cancel_a_running_run(demo, monkeypatch):
         assert not pid_alive(pid)
 
 
+async def test_cancel_kills_a_worker_stuck_in_a_long_operation_after_the_grace(demo, monkeypatch, tmp_path):
+    """`c c` on a worker that cannot act on SIGTERM (inside a long operation): killed once the
+    1 s grace of qtui.toml is over, and recorded cancelled."""
+    (tmp_path / "qtui.toml").write_text("[engine]\ncancel_grace_s = 1\n")
+    use_fake_worker(monkeypatch, "stuck", steps=2, delay=0.05)
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await started(pilot)
+        app.experiments_tree.focus()
+        app.experiments_tree.move_to("digits-rtn", "w2")
+        await pilot.press("l", "ctrl+s")
+        await wait_for(pilot, lambda: len(app.runs_table.rows) == 8
+                       and app.runs_table.rows[max(app.runs_table.rows)].status == "running", what="running")
+        run_id = max(app.runs_table.rows)
+        pid = app.runs_table.rows[run_id].pid
+        await select_run(pilot, run_id)
+        await pilot.press("c")
+        start = time.monotonic()  # before the SIGTERM that the second press sends
+        await pilot.press("c")
+        while pid_alive(pid) and time.monotonic() - start < 10:
+            await pilot.pause(0.02)
+        gone = time.monotonic() - start
+        assert 1 <= gone <= 3, gone
+        await wait_for(pilot, lambda: app.runs_table.rows[run_id].status == "cancelled", what="cancelled")
+        assert "killed" in app.runs_table.rows[run_id].error
+        await wait_for(pilot, lambda: any(n.message == f"cancelled run #{run_id} (its worker ignored SIGTERM: killed)"
+                                          for n in app._notifications), what="the notice")
+
+
 async def test_a_killed_worker_gets_one_status_and_a_plain_reason(demo, monkeypatch):
     import signal
 
