@@ -27,10 +27,13 @@ def weight_files(folder: Path, variant: str | None) -> list[Path]:
     """The safetensors files of one component (one file or the shards its index names)."""
     stem = "diffusion_pytorch_model"
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    index = folder / f"{stem}{suffix}.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / shard for shard in shards]
+    indexes = [folder / f"{stem}{suffix}.index.json"]  # the older name of a variant's index
+    if variant:
+        indexes.insert(0, folder / f"{stem}.safetensors.index.{variant}.json")
+    for index in indexes:
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / shard for shard in shards]
     single = folder / f"{stem}{suffix}"
     if not single.exists():
         raise FileNotFoundError(f"{single}: no such weights file")
@@ -69,12 +72,16 @@ def load_model(cls, folder: Path, variant: str | None, dtype: torch.dtype) -> nn
     with init_empty_weights():
         model = cls.from_config(cls.load_config(folder))
     expected = set(model.state_dict())
+    keep_fp32 = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())  # as from_pretrained keeps them
     seen = set()
     for path in weight_files(folder, variant):
         for name, tensor in read_tensors(path):
             if name not in expected:
                 raise ValueError(f"{path}: tensor {name} is not in {cls.__name__}")
-            set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
+            fp32 = dtype in (torch.float16, torch.bfloat16) and any(part in keep_fp32 for part in name.split("."))
+            target = torch.float32 if fp32 else dtype
+            set_module_tensor_to_device(model, name, "cpu", value=tensor,
+                                        dtype=target if tensor.is_floating_point() else None)
             seen.add(name)
     missing = sorted(expected - seen)
     if missing:

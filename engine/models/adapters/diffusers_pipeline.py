@@ -4,12 +4,14 @@ given prompt embeddings and initial latents, and decoding with the VAE.
 
 Loading builds each model empty and fills it from its files (`low_cpu_mem_usage`, through
 `accelerate`), so a pipeline never holds random weights beside its loaded ones (SD 3.5 Medium
-took 10-11 GiB to load its 6.3 GB without it). Loading never downloads: `HF_HUB_OFFLINE=1` is set and `local_files_only=True` is passed; only
+took 10-11 GiB to load its 6.3 GB without it); the denoiser, the largest, is read tensor by tensor
+without a memory map (`engine.models.stream_load`). Loading never downloads: `HF_HUB_OFFLINE=1` is set and `local_files_only=True` is passed; only
 safetensors weights are read. `transformers` is imported here, never at qtui or engine start-up.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -36,9 +38,10 @@ class DiffusersAdapter(PipelineAdapter):
 
         self.kind = info.class_name
         try:
+            denoiser = self._load_denoiser(diffusers)
             pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
                 self.path, dtype=self.dtype, local_files_only=True, use_safetensors=True, variant=info.variant,
-                low_cpu_mem_usage=True, **self.load_kwargs())
+                low_cpu_mem_usage=True, **{self.denoiser_attr: denoiser}, **self.load_kwargs())
         except (OSError, ValueError, EnvironmentError) as exc:
             from engine.models.loader import ModelLoadError
 
@@ -49,6 +52,18 @@ class DiffusersAdapter(PipelineAdapter):
         self.pipe = pipe.to(self.device)
         self.denoiser = getattr(pipe, self.denoiser_attr).eval()
         self.scheduler_config = dict(pipe.scheduler.config)
+
+    def _load_denoiser(self, diffusers):
+        """The denoiser, read tensor by tensor (engine.models.stream_load): the largest component,
+        whose memory-mapped file would otherwise stay resident beside its converted weights."""
+        from engine.models.stream_load import load_model
+
+        folder = self.path / self.denoiser_attr
+        index = json.loads((self.path / "model_index.json").read_text())
+        library, class_name = index[self.denoiser_attr]
+        ships = self.info.variant and any(f".{self.info.variant}" in f.name for f in folder.glob("*.safetensors*"))
+        variant = self.info.variant if ships else None
+        return load_model(getattr(diffusers, class_name), folder, variant, self.dtype)
 
     def _scheduler(self, diffusers, current, name: str):
         from engine.models.loader import ModelLoadError
