@@ -45,8 +45,11 @@ class DiffusersAdapter(PipelineAdapter):
             pipe.scheduler = self._scheduler(diffusers, pipe.scheduler, options.scheduler)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        self.denoiser = getattr(pipe, self.denoiser_attr).eval()
+        self.denoiser.eval()
         self.scheduler_config = dict(pipe.scheduler.config)
+
+    def denoiser_slot(self):
+        return self.pipe, self.denoiser_attr  # what `pipe(...)` calls
 
     def _scheduler(self, diffusers, current, name: str):
         from engine.models.loader import ModelLoadError
