@@ -88,6 +88,18 @@ class DiffusersAdapter(PipelineAdapter):
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.pipe.vae.config.scaling_factor
 
+    def scale(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents as the denoiser sees them (the inverse of `unscale`)."""
+        return latents * self.pipe.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Clean latents (float32, CPU) of images in [-1, 1]: a seeded draw from the VAE's
+        latent distribution, scaled (training data for method `qat`)."""
+        vae = self.pipe.vae
+        dist = vae.encode(images.to(self.device, vae.dtype)).latent_dist
+        return self.scale(dist.sample(generator=gen)).float().cpu()
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
