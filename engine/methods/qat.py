@@ -16,7 +16,6 @@ from engine.methods.keys import number, positive_int, role_bits
 from engine.methods.rtn import describe_role_bits
 
 KEYS = {"bits", "act_bits", "steps", "lr", "batch_size", "seed", "train_images", "train_samples"}
-TRAIN_SAMPLES = 64  # data-free: samples the full-precision model generates as training targets
 QAT_BITS = (4, 8)
 
 
@@ -95,7 +94,7 @@ def quantize(ctx: QuantContext) -> QuantResult:
     cfg = QATConfig(bits=p["bits"], steps=p["steps"], act_bits=p["act_bits"], lr=p["lr"],
                     batch_size=p["batch_size"], seed=p["seed"])
     sampling = {**asdict(ctx.run.sampling), "prompts": sampling_prompts(ctx.run.sampling)}
-    data = TrainingData(images=p.get("train_images"), samples=p.get("train_samples", TRAIN_SAMPLES),
+    data = TrainingData(images=p.get("train_images"), samples=p.get("train_samples"),
                         sampling=sampling, folder=ctx.folder)
     result = quantize_qat(ctx.model, cfg, ctx.progress, data)
     artifacts = {} if result.pool is None else {"training_data": result.pool.path}

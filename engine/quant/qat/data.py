@@ -31,6 +31,7 @@ POOL_FILE = "qat_latents.safetensors"
 TENSOR = "latents"
 META_KEY = "qtui_qat_captions"
 ENCODE_BATCH = 8  # images through the VAE at a time
+DEFAULT_SAMPLES = 64  # data-free latents when `train_samples` is not given
 
 Progress = Callable[..., None]
 
@@ -40,7 +41,7 @@ class TrainingData:
     """Where a pipeline's QAT data comes from (method `qat`'s keys and the run)."""
 
     images: str | None = None  # `train_images`: a folder of images with captions
-    samples: int = 64  # `train_samples`: latents generated data-free when there is no folder
+    samples: int | None = None  # `train_samples`: latents generated data-free (None: DEFAULT_SAMPLES)
     sampling: dict | None = None  # the experiment's sampling config, with its `prompts`
     folder: Path | None = None  # where the pool file is written (the run's folder; needed for pipelines)
 
@@ -154,6 +155,7 @@ def build_pool(model, data: TrainingData, seed: int, progress: Progress | None) 
         raise ValueError(f"method 'qat' on {model.kind} needs training data: give the variant "
                          "`train_images = \"<folder>\"` (images with captions) or the experiment `prompts` "
                          "(data-free: the full-precision model's own samples)")
-    if data.samples < 1:
-        raise ValueError(f"train_samples must be at least 1, got {data.samples}")
-    return generated_pool(model, data.samples, data.sampling, seed, path, progress)
+    samples = DEFAULT_SAMPLES if data.samples is None else data.samples
+    if samples < 1:
+        raise ValueError(f"train_samples must be at least 1, got {samples}")
+    return generated_pool(model, samples, data.sampling, seed, path, progress)

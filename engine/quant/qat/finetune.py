@@ -147,8 +147,9 @@ def quantize_qat(model, cfg: QATConfig, progress: Progress | None = None, data=N
 
     denoiser = model.denoiser
     torch.manual_seed(cfg.seed)
-    if model.kind in DIGITS_KINDS and data is not None and data.images is not None:
-        raise ValueError("train_images: the digits models fine-tune on the digits data; leave it out")
+    if model.kind in DIGITS_KINDS and data is not None and (data.images is not None or data.samples is not None):
+        key = "train_images" if data.images is not None else "train_samples"
+        raise ValueError(f"{key}: the digits models fine-tune on the digits data; leave it out")
     pool = None if model.kind in DIGITS_KINDS else build_pool(model, data or TrainingData(), cfg.seed, progress)
     dtype = denoiser.dtype
     if dtype != torch.float32:
