@@ -3,8 +3,8 @@
 (`engine.pipeline.quantize_stage`: quantize, store, load back; then `prepare_execution`), then
 - count, with forward hooks, the calls that sampling makes to each quantized module (or PTQ's
   int8 graph): every one must be called at every step;
-- perturb what the quantized modules hold (their dequantized codes, their activation scales; for
-  PTQ the graph's int8 weights) and check that the sampled images change, for all of them at once
+- perturb what the quantized modules hold (their dequantized codes, or with execution = "real"
+  the scales of their codes; their activation scales; for PTQ the graph's int8 weights) and check that the sampled images change, for all of them at once
   and for one layer alone; unperturbed, sampling is exactly repeatable.
 A method that does not apply to a family must be refused by the catalogue, and a method added to
 `engine.methods.METHOD_MODULES` without a case here fails `test_every_method_has_a_case`."""
@@ -21,6 +21,7 @@ CALIBRATION = "calibration = { samples = 2, held_out = 1, seed = 1, steps = 2 }\
 SHORT_CALIBRATION = "calibration = { samples = 2, seed = 1, steps = 2 }\n"
 VARIANTS = {  # variant -> its keys
     "rtn": 'method = "rtn"\nbits = 4\n',
+    "rtn-real": 'method = "rtn"\nbits = 4\nexecution = "real"\n',  # low-bit modules holding the codes
     "rtn-calibrated": 'method = "rtn"\nbits = 8\nact_bits = 8\n' + CALIBRATION,
     "gptq": 'method = "gptq"\nbits = 4\nact_bits = 8\n' + CALIBRATION,
     "fisher": 'method = "fisher"\nstrategy = "ratio"\nratio = 0.25\nmeasure_sensitivity = false\n'
@@ -102,15 +103,17 @@ def _perturbations(model, result) -> tuple[list, list]:
         halve = lambda ts: [t.copy_(torch.div(t, 2, rounding_mode="floor")) for t in ts]
         return [graph], [("every int8 weight", lambda: halve(int8)), ("one int8 weight", lambda: halve(int8[:1]))]
     layers = [model.denoiser.get_submodule(name) for name in sorted(result.packed)]
-    scales = [b for m in layers for name, b in m.named_buffers() if b.is_floating_point()]
-    negate = lambda ms: [m.weight.data.neg_() for m in ms]
+    lowbit = lambda m: hasattr(m, "codes")  # execution = "real": codes and fp16 scales, no weight
+    own = lambda m, name: lowbit(m) and name in ("scale", "bias")
+    scales = [b for m in layers for name, b in m.named_buffers() if b.is_floating_point() and not own(m, name)]
+    negate = lambda ms: [(m.scale if lowbit(m) else m.weight.data).neg_() for m in ms]
     out = [("every quantized weight", lambda: negate(layers)), ("one quantized weight", lambda: negate(layers[:1]))]
     if scales:  # activation quantizers: their scales must be what sampling uses too
         out.append(("activation scales", lambda: [b.mul_(16) for b in scales]))
     return layers, out
 
 
-def _check_sampling_uses_quantized(model, result, run):
+def _check_sampling_uses_quantized(model, result, run, quantized_inputs: bool):
     from engine.prompts import sampling_prompts
     from engine.sampling import initial_noise, sample_images
 
@@ -118,6 +121,8 @@ def _check_sampling_uses_quantized(model, result, run):
     noise = initial_noise(2, model.sample_shape, 0)
     sample = lambda: sample_images(model, prompts, noise, 2, run.sampling.guidance, 2)
     modules, perturbations = _perturbations(model, result)
+    if quantized_inputs and result.packed is not None:
+        assert "activation scales" in [label for label, _ in perturbations], "no activation quantizer to perturb"
     calls = [0] * len(modules)
     handles = [m.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
                for i, m in enumerate(modules)]
@@ -167,4 +172,4 @@ def test_sampling_goes_through_the_quantized_modules(tmp_path, request, monkeypa
         assert len(graph_calls) == 2  # 2 calibration prompts: one batch (guidance in it), 2 steps
     else:
         model, result, run = _quantized(tmp_path, toml)
-    _check_sampling_uses_quantized(model, result, run)
+    _check_sampling_uses_quantized(model, result, run, quantized_inputs="act_bits = 8" in VARIANTS[variant])
