@@ -83,12 +83,11 @@ def describe(params: dict) -> str:
 
 
 def quantize(ctx: QuantContext) -> QuantResult:
-    from engine.quant.qat.finetune import QATConfig, quantize_qat
-
     from dataclasses import asdict
 
     from engine.prompts import sampling_prompts
     from engine.quant.qat.data import TrainingData
+    from engine.quant.qat.finetune import QATConfig, quantize_qat
 
     p = ctx.params
     cfg = QATConfig(bits=p["bits"], steps=p["steps"], act_bits=p["act_bits"], lr=p["lr"],

@@ -40,8 +40,8 @@ import inspect
 import json
 import os
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
