@@ -26,8 +26,8 @@ from torch.nn.utils import parametrize
 
 from engine.quant.act_quant import SCALE_BUFFER, add_act_quant
 from engine.quant.apply import _fp16
+from engine.quant.qat.data import TrainingData, build_pool
 from engine.quant.qat.fake_quant import ActLSQ, WeightLSQ
-from engine.quant.qat.data import TrainingData
 from engine.quant.qat.loss import DIGITS_KINDS, TrainingLoss, mean_loss, training_loss
 from engine.quant.roles import quantizable_layers
 from engine.quant.rtn import QuantizedTensor, dequantize, relative_error
@@ -143,8 +143,6 @@ def quantize_qat(model, cfg: QATConfig, progress: Progress | None = None, data=N
     (engine.quant.qat.data.TrainingData) names, built before anything is quantized. Fine-tuning,
     conversion and the loss metrics run in float32; a denoiser loaded in another dtype is cast to
     float32 for them and back to its dtype at the end (its weights then hold the same codes)."""
-    from engine.quant.qat.data import build_pool
-
     denoiser = model.denoiser
     torch.manual_seed(cfg.seed)
     if model.kind in DIGITS_KINDS and data is not None and (data.images is not None or data.samples is not None):
