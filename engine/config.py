@@ -24,7 +24,7 @@ from pathlib import Path
 
 from engine.errors import ConfigError, UserError
 from engine.execution_keys import validate_execution
-from engine.methods import BadKey, check_against_model, validate_method
+from engine.methods import BadKey, check_against_model, resolve_paths, validate_method
 from engine.models.pipeline_index import PipelineError, check_side, inspect_pipeline
 from engine.models.registry import INDEX_FILE, SHIPPED_DIR, ModelNotFound, resolve_model
 from engine.prompts import PromptsError, read_prompts
@@ -497,7 +497,7 @@ class _Reader:
             self.fail(table, "method", f"must be a string, got {method!r}")
         keys = {k: v for k, v in raw.items() if k not in VARIANT_KEYS}
         try:
-            params = validate_method(method, keys)
+            params = resolve_paths(method, validate_method(method, keys), self.path.parent)
             check_against_model(method, params, lambda: self.model_tensors(model_path) if model_path else None)
             execution, autocast = validate_execution(method, params, raw.get("execution"), raw.get("autocast"))
         except BadKey as exc:

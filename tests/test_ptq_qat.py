@@ -90,8 +90,8 @@ def test_pt2e_int8_path_runs_on_a_tiny_model(tiny_models, tmp_path):
     sim, extra = runtime.executable("simulated")
     x, t, states = runtime.example
     with torch.no_grad():
-        ref = model.denoiser(x[:3], t, states[:3]).sample
-        out = sim(x[:3], t, states[:3]).sample  # a smaller batch is padded to the exported one
+        ref = model.denoiser(x[:3], t[:3], states[:3]).sample
+        out = sim(x[:3], t[:3], states[:3]).sample  # a smaller batch is padded to the exported one
     assert out.shape == ref.shape
     assert ((out - ref).norm() / ref.norm()).item() < 0.2
 

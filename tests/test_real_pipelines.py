@@ -508,3 +508,50 @@ def test_progress_ends_at_the_steps_asked_for_with_pndm(tiny_sd):
     assert len(model.pipe.scheduler.timesteps) > 4  # the warm-up is there
     assert seen[-1] == (12, 12) and all(d <= t for d, t in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+QAT_PTQ_VARIANTS = """
+[experiments.NAME.variants.ptq]
+method = "ptq"
+calibration = {{ samples = 2, held_out = 1, seed = 1, steps = 2 }}
+
+[experiments.NAME.variants.qat]
+method = "qat"
+bits = 4
+act_bits = 8
+steps = 3
+batch_size = 2
+train_samples = 2
+"""
+
+
+@pytest.mark.parametrize("template, name", [(SD_TOML, "sd"), (SD3_TOML, "sd3")], ids=["sd", "sd3"])
+def test_engine_run_qat_and_ptq_on_real_pipelines(tmp_path, tiny_sd, tiny_sd3, template, name):
+    """`engine run` of PTQ W8A8 and data-free QAT W4A8 on the tiny SD and SD 3 pipelines: both end
+    done with metrics (Inception FID, CLIP score), PTQ with its int8 checkpoint, QAT with the FP
+    model's samples it trained on (tests/test_sampling_uses_quantized.py checks that sampling and
+    calibration go through the quantized modules)."""
+    from engine.quant.ptq.pt2e import read_checkpoint
+    from engine.quant.qat.data import LatentPool
+    from engine.store import Store
+
+    toml = write(tmp_path, template + QAT_PTQ_VARIANTS.replace("NAME", name), tiny_sd if name == "sd" else tiny_sd3)
+    result = engine("run", name, "--variant", "ptq", "--variant", "qat", "--experiments", str(toml),
+                    "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    store = Store.open(tmp_path / "runs")
+    runs = {r["variant"]: r for r in store.runs()}
+    assert {v: r["status"] for v, r in runs.items()} == {"ptq": "done", "qat": "done"}, \
+        {v: r["error"] for v, r in runs.items()}
+    metrics = {v: store.metrics(r["id"]) for v, r in runs.items()}
+    for m in metrics.values():
+        assert m["fid"] is not None and m["fid"] >= 0 and 0 <= m["clip_score"] <= 100
+    assert metrics["ptq"]["ptq_int8_layers"] > 0 and metrics["ptq"]["calibration_s"] > 0
+    assert {"finetune_s", "qat_fp_loss", "qat_quant_loss", "bits_per_weight"} <= set(metrics["qat"])
+    artifacts = {v: {a["kind"]: a["path"] for a in store.artifacts(r["id"])} for v, r in runs.items()}
+    _, meta = read_checkpoint(store.runs_dir / artifacts["ptq"]["checkpoint"])
+    assert meta["int8_layers"] == metrics["ptq"]["ptq_int8_layers"] and meta["activations"]
+    pool = LatentPool(store.runs_dir / artifacts["qat"]["training_data"])
+    assert pool.n == 2 and pool.shape == ((4, 8, 12) if name == "sd" else (16, 8, 8))  # SD: 16 x 24 px
+    assert set(pool.captions) <= set(PROMPTS[:2]) and torch.isfinite(pool.read(torch.arange(2))).all()
+    store.close()

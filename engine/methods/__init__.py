@@ -49,6 +49,12 @@ def check_against_model(method: str, params: dict, tensors: Callable[[], object]
         check(params, tensors)
 
 
+def resolve_paths(method: str, params: dict, base) -> dict:
+    """The params with their path keys made absolute against `base` (the catalogue's folder)."""
+    resolve = method_spec(method).resolve_paths
+    return params if resolve is None else resolve(params, base)
+
+
 def describe_bits(method: str, params: dict) -> str:
     """A short label such as 'conv W4, attention W8' for tables."""
     return method_spec(method).describe(params)
@@ -91,4 +97,5 @@ def load_quantized(denoiser, method: str, params: dict, state: dict) -> None:
 
 
 __all__ = ["BadKey", "METHODS", "ROLES", "MethodSpec", "QuantContext", "QuantResult", "check_against_model",
-           "describe_bits", "describe_run", "load_quantized", "load_quantized_file", "method_spec", "quantize_model", "validate_method"]
+           "describe_bits", "describe_run", "load_quantized", "load_quantized_file", "method_spec", "quantize_model",
+           "resolve_paths", "validate_method"]

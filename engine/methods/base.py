@@ -81,3 +81,6 @@ class MethodSpec:
     # (activation quantizers and their buffers), so that the run's packed checkpoint `state`
     # loads into it with strict=True (`engine verify`): (denoiser, params, state) -> None.
     prepare_load: Callable[[Any, dict, dict], None] | None = None
+    # Make the path keys of the normalized params absolute (relative to the catalogue's folder,
+    # `base`) and check what they name, torch-free: (params, base) -> params, or BadKey.
+    resolve_paths: Callable[[dict, Path], dict] | None = None

@@ -29,11 +29,12 @@ def describe(params: dict) -> str:
 def quantize(ctx: QuantContext) -> QuantResult:
     from dataclasses import asdict
 
+    from engine.prompts import sampling_prompts
     from engine.quant.ptq.pt2e import GRAPH_FILE, quantize_pt2e
     from engine.quant.roles import quantizable_layers
 
-    runtime, metrics, path = quantize_pt2e(ctx.model, ctx.params["calibration"], asdict(ctx.run.sampling),
-                                           ctx.folder, ctx.progress)
+    sampling = {**asdict(ctx.run.sampling), "prompts": sampling_prompts(ctx.run.sampling)}
+    runtime, metrics, path = quantize_pt2e(ctx.model, ctx.params["calibration"], sampling, ctx.folder, ctx.progress)
     layers = [{"name": name, "role": role, "params": m.weight.numel(),
                "bits": 8 if type(m).__name__ in ("Conv2d", "Linear") else None, "weight_err": None}
               for name, m, role in quantizable_layers(ctx.model.denoiser)]

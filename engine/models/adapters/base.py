@@ -3,7 +3,10 @@ SD 3 go through one run pipeline.
 
 An adapter holds a loaded model and knows how to
 - `encode(prompts)`: the text conditioning its denoiser takes (`Conditioning`);
-- `denoiser`: the module that gets quantized (a UNet or an MMDiT);
+- `denoiser`: the module that gets quantized (a UNet or an MMDiT), and the one sampling calls:
+  assigning it (a method's executable graph, a calibration wrapper) installs the module where
+  the family's sampler calls it (`denoiser_slot`: the adapter itself for the digits models,
+  `pipe.unet` / `pipe.transformer` for diffusers pipelines);
 - `latent_shape(height, width)`: the shape of one sample's initial latents;
 - `sample_batch(prompts, latents, steps, guidance, negative_prompt, on_step)`: denoise given
   initial latents with its scheduler (the pipeline's own, or `options.scheduler`);
@@ -62,7 +65,6 @@ class Conditioning:
 class PipelineAdapter(ABC):
     kind: str  # the model_index.json `_class_name`
     flow: bool  # rectified flow (velocity, MMDiT call) or noise prediction (UNet call)
-    denoiser: nn.Module
     scheduler_config: dict
     auto_dtype: torch.dtype | None = None  # what dtype "auto" means for this family (None: by device)
 
@@ -101,6 +103,20 @@ class PipelineAdapter(ABC):
         """The modules whose weights statistics computed from this model depend on."""
 
     # --- shared ----------------------------------------------------------------------------
+    def denoiser_slot(self) -> tuple[object, str]:
+        """(object, attribute) where the family's sampler finds its denoiser."""
+        return self, "_denoiser"
+
+    @property
+    def denoiser(self) -> nn.Module:
+        owner, name = self.denoiser_slot()
+        return getattr(owner, name)
+
+    @denoiser.setter
+    def denoiser(self, module: nn.Module) -> None:
+        owner, name = self.denoiser_slot()
+        setattr(owner, name, module)
+
     @property
     def is_flow(self) -> bool:
         return self.flow

@@ -50,7 +50,7 @@ class DiffusersAdapter(PipelineAdapter):
             pipe.scheduler = self._scheduler(diffusers, pipe.scheduler, options.scheduler)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        self.denoiser = getattr(pipe, self.denoiser_attr).eval()
+        self.denoiser.eval()
         self.scheduler_config = dict(pipe.scheduler.config)
 
     def _load_denoiser(self, diffusers):
@@ -60,10 +60,13 @@ class DiffusersAdapter(PipelineAdapter):
 
         folder = self.path / self.denoiser_attr
         index = json.loads((self.path / "model_index.json").read_text())
-        library, class_name = index[self.denoiser_attr]
+        _, class_name = index[self.denoiser_attr]
         ships = self.info.variant and any(f".{self.info.variant}" in f.name for f in folder.glob("*.safetensors*"))
         variant = self.info.variant if ships else None
         return load_model(getattr(diffusers, class_name), folder, variant, self.dtype)
+
+    def denoiser_slot(self):
+        return self.pipe, self.denoiser_attr  # what `pipe(...)` calls
 
     def _scheduler(self, diffusers, current, name: str):
         from engine.models.loader import ModelLoadError
@@ -103,6 +106,18 @@ class DiffusersAdapter(PipelineAdapter):
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.pipe.vae.config.scaling_factor
+
+    def scale(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents as the denoiser sees them (the inverse of `unscale`)."""
+        return latents * self.pipe.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Clean latents (float32, CPU) of images in [-1, 1]: a seeded draw from the VAE's
+        latent distribution, scaled (training data for method `qat`)."""
+        vae = self.pipe.vae
+        dist = vae.encode(images.to(self.device, vae.dtype)).latent_dist
+        return self.scale(dist.sample(generator=gen)).float().cpu()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -34,5 +34,9 @@ class StableDiffusion3Adapter(RectifiedFlow, DiffusersAdapter):
         vae = self.pipe.vae.config
         return latents / vae.scaling_factor + vae.shift_factor
 
+    def scale(self, latents):
+        vae = self.pipe.vae.config
+        return (latents - vae.shift_factor) * vae.scaling_factor
+
 
 ADAPTER = StableDiffusion3Adapter

@@ -1,7 +1,8 @@
 """Static W8A8 post-training quantization with torchao's PT2E flow on the X86 back end.
 
     torch.export (at the sampling batch)  ->  prepare_pt2e(X86InductorQuantizer)
-    ->  calibrate: the experiment's sampler on seeded calibration prompts over every step of a
+    ->  calibrate: the experiment's sampler on seeded calibration prompts (drawn from the
+        experiment's prompts, or the digits' class prompts) over every step of a
         `steps`-step schedule (the calibration set GPTQ uses, engine.quant.calibration_hessians)
     ->  convert_pt2e  ->  (execution = "real") torch.compile with Inductor freezing, which lowers
         the quantize / dequantize patterns around each convolution and Linear to oneDNN int8
@@ -35,9 +36,11 @@ the same graph.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -52,29 +55,62 @@ GRAPH_FILE = "ptq_graph.txt"  # the converted graph's code (a run artifact, not 
 META_KEY = "qtui_ptq"
 
 
+# The denoiser's tensor inputs, in the order the exported graph takes them (the names of
+# UNet2DConditionModel.forward and SD3Transformer2DModel.forward).
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+FLOW_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+
+
+def input_names(flow: bool) -> tuple[str, ...]:
+    return FLOW_INPUTS if flow else UNET_INPUTS
+
+
 class _Call(nn.Module):
-    """The denoiser called as sampling calls it, returning a plain tensor (exportable)."""
+    """The denoiser called with its tensor inputs only, returning a plain tensor (exportable)."""
 
     def __init__(self, denoiser: nn.Module, flow: bool):
         super().__init__()
-        self.denoiser, self.flow = denoiser, flow
+        self.denoiser, self.names = denoiser, input_names(flow)
 
-    def forward(self, x, a, b, c=None):
-        if self.flow:  # (x, states, pooled, t)
-            return self.denoiser(x, a, b, c, return_dict=False)[0]
-        return self.denoiser(x, a, b, return_dict=False)[0]  # (x, t, states)
+    def forward(self, *tensors):
+        return self.denoiser(**dict(zip(self.names, tensors)), return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How sampling calls a denoiser: its config, forward signature, device and family (kept
+    instead of the full-precision module, which is not held once the graph replaces it)."""
+
+    config: object
+    signature: inspect.Signature
+    device: torch.device
+    flow: bool
+
+    @classmethod
+    def of(cls, denoiser: nn.Module, flow: bool) -> "Convention":
+        return cls(denoiser.config, inspect.signature(denoiser.forward), next(denoiser.parameters()).device, flow)
 
 
 class GraphDenoiser(nn.Module):
-    """A fixed-batch graph behind the denoiser's calling convention (`.sample`, `.config`)."""
+    """A fixed-batch graph behind the denoiser's calling convention, so that every sampler calls
+    it as it calls the denoiser: positionally (the digits adapters) or by keyword, with
+    `return_dict=False` (diffusers pipelines); the result has `.sample` or is a 1-tuple. An
+    argument the graph was not exported with (a ControlNet residual, an attention mask, ...) is
+    an error, never silently dropped. The timestep is passed as one float32 value per row."""
 
-    def __init__(self, graph: nn.Module, config, flow: bool, batch: int):
+    def __init__(self, graph: nn.Module, convention: "Convention", batch: int):
         super().__init__()
-        self.graph, self.config, self.flow, self.batch = graph, config, flow, batch
+        self.graph, self.batch = graph, batch
+        self.config, self.signature, self._device = convention.config, convention.signature, convention.device
+        self.names = input_names(convention.flow)
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     def _pad(self, t, n: int):
         if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n or n == self.batch:
@@ -84,19 +120,35 @@ class GraphDenoiser(nn.Module):
         reps = -(-self.batch // n)  # cyclic: calibration statistics keep every row's weight
         return t.repeat(reps, *[1] * (t.dim() - 1))[: self.batch]
 
-    def forward(self, x, *args):
-        n = x.shape[0]
-        out = self.graph(*(self._pad(t, n) for t in (x, *args)))
-        return SimpleNamespace(sample=out[:n])
+    def inputs(self, args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], bool]:
+        """The graph's tensors of one call, and whether the caller wants a `.sample` result."""
+        bound = self.signature.bind(*args, **kwargs)
+        values = dict(bound.arguments)
+        return_dict = values.pop("return_dict", True)
+        for name, value in values.items():
+            if name not in self.names and value is not None and value != {}:
+                raise ValueError(f"the PTQ graph was exported without {name!r}; it cannot take it")
+        tensors = [values[name] for name in self.names]
+        x = tensors[0]
+        t = torch.as_tensor(values["timestep"], device=x.device).to(torch.float32)
+        tensors[self.names.index("timestep")] = t.expand(x.shape[0]) if t.dim() == 0 else t
+        return tensors, return_dict
+
+    def forward(self, *args, **kwargs):
+        tensors, return_dict = self.inputs(args, kwargs)
+        n = tensors[0].shape[0]
+        out = self.graph(*(self._pad(t, n) for t in tensors))[:n]
+        return SimpleNamespace(sample=out) if return_dict else (out,)
 
 
 def example_inputs(model, batch: int) -> tuple:
+    """Inputs of one exported call, in `input_names` order."""
     x = torch.randn((batch, *model.sample_shape), device=model.device)
-    cond = model.encode(["a handwritten digit zero"] * batch)
-    states, pooled = cond.states, cond.pooled
+    cond = model.encode([""] * batch)  # the shapes are what matter: any prompt pads to the same length
+    t = torch.full((batch,), 500.0, device=model.device)
     if model.is_flow:
-        return (x, states, pooled, torch.full((batch,), 500.0, device=model.device))
-    return (x, torch.tensor(500, device=model.device), states)
+        return (x, cond.states, cond.pooled, t)
+    return (x, t, cond.states)
 
 
 def export_batch(sampling: dict) -> int:
@@ -198,8 +250,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 class PT2ERuntime:
     """What the execution stage runs: the converted graph, compiled for real int8 kernels or not."""
 
-    def __init__(self, converted: nn.Module, config, flow: bool, batch: int, example: tuple):
-        self.converted, self.config, self.flow, self.batch, self.example = converted, config, flow, batch, example
+    def __init__(self, converted: nn.Module, convention: Convention, batch: int, example: tuple):
+        self.converted, self.convention, self.batch, self.example = converted, convention, batch, example
 
     def executable(self, execution: str) -> tuple[nn.Module, dict]:
         metrics = {"model_bytes_graph": float(graph_bytes(self.converted))}
@@ -213,19 +265,26 @@ class PT2ERuntime:
             with torch.no_grad():
                 graph(*self.example)  # compiles
         metrics["compile_s"] = time.time() - start
-        return GraphDenoiser(graph, self.config, self.flow, self.batch), metrics
+        return GraphDenoiser(graph, self.convention, self.batch), metrics
 
 
 def quantize_pt2e(model, cfg: dict, sampling: dict, folder: Path,
                   progress: Callable[..., None] | None = None) -> tuple[PT2ERuntime, dict, Path]:
     """Export, prepare, calibrate and convert `model.denoiser`; returns the runtime, metrics and
-    the checkpoint path. `model.denoiser` is left as it was (full precision)."""
+    the checkpoint path. `sampling` is the experiment's sampling config with its `prompts` (the
+    calibration prompts are drawn from them; None for the digits' class prompts). While
+    calibrating, the prepared graph is the model's denoiser (installed where its sampler calls
+    it); afterwards `model.denoiser` is the full-precision module again."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     from engine.quant.calibration_hessians import calibration_set, run_sampler
 
     denoiser, flow = model.denoiser, model.is_flow
+    if denoiser.dtype != torch.float32:
+        raise ValueError(f"method 'ptq' quantizes a float32 denoiser (X86 int8 kernels); this one is "
+                         f"{str(denoiser.dtype).removeprefix('torch.')}: set the experiment's dtype = \"float32\"")
+    convention = Convention.of(denoiser, flow)
     batch = export_batch(sampling)
     report = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda s: None)
     start = time.time()
@@ -238,8 +297,8 @@ def quantize_pt2e(model, cfg: dict, sampling: dict, folder: Path,
     export_s = time.time() - start
 
     start = time.time()
-    cal = calibration_set(model, cfg)
-    model.denoiser = GraphDenoiser(prepared, denoiser.config, flow, batch)
+    cal = calibration_set(model, cfg, sampling.get("prompts"))
+    model.denoiser = GraphDenoiser(prepared, convention, batch)
     try:
         run_sampler(model, cal.prompts, cal.noise, cfg, sampling, report("calibrate"))
     finally:
@@ -254,4 +313,4 @@ def quantize_pt2e(model, cfg: dict, sampling: dict, folder: Path,
     write_text(Path(folder) / GRAPH_FILE, converted.code)
     metrics = {"export_s": export_s, "calibration_s": calibration_s, "quantize_s": time.time() - start,
                "ptq_int8_layers": float(int8_layers(converted))}
-    return PT2ERuntime(converted, denoiser.config, flow, batch, example), metrics, path
+    return PT2ERuntime(converted, convention, batch, example), metrics, path

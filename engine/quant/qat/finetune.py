@@ -3,7 +3,8 @@
 1. Every layer with bits (by role) gets its weight parametrized by a `WeightLSQ`; with
    act_bits = 8 every such Linear gets an `ActLSQ` on its input, its step initialised from the
    largest |input| over `init_batches` training batches (the FP model).
-2. `steps` AdamW steps on the training loss (engine.quant.qat.loss), all of the denoiser's
+2. `steps` AdamW steps on the training loss (engine.quant.qat.loss: the digits data, or a
+   pipeline's latents from engine.quant.qat.data), all of the denoiser's
    parameters and the steps trainable, the learning rate warmed up then cosine-decayed, gradient
    norm clipped at 1 (engine.train.common); seeded batches.
 3. Conversion: each learned step is rounded to float16 (the checkpoint's scale), the codes are
@@ -25,8 +26,9 @@ from torch.nn.utils import parametrize
 
 from engine.quant.act_quant import SCALE_BUFFER, add_act_quant
 from engine.quant.apply import _fp16
+from engine.quant.qat.data import TrainingData, build_pool
 from engine.quant.qat.fake_quant import ActLSQ, WeightLSQ
-from engine.quant.qat.loss import TrainingLoss, mean_loss
+from engine.quant.qat.loss import DIGITS_KINDS, TrainingLoss, mean_loss, training_loss
 from engine.quant.roles import quantizable_layers
 from engine.quant.rtn import QuantizedTensor, dequantize, relative_error
 
@@ -52,6 +54,7 @@ class QATResult:
     packed: dict[str, QuantizedTensor]
     metrics: dict[str, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    pool: object = None  # the pipeline's training latents (engine.quant.qat.data.LatentPool)
 
 
 def _act_hook(module: nn.Module, args: tuple):
@@ -132,18 +135,30 @@ def convert(targets: list[tuple[str, nn.Module, str, int]], originals: dict[str,
     return entries, packed
 
 
-def quantize_qat(model, cfg: QATConfig, progress: Progress | None = None) -> QATResult:
+def quantize_qat(model, cfg: QATConfig, progress: Progress | None = None, data=None) -> QATResult:
     """Fine-tune `model.denoiser` with fake quantization and leave it holding the converted
-    quantized weights (and int8 input quantizers); returns the codes and the layer table."""
+    quantized weights (and int8 input quantizers); returns the codes and the layer table.
+
+    The digits models train on their own data; a diffusers pipeline on the latents `data`
+    (engine.quant.qat.data.TrainingData) names, built before anything is quantized. Fine-tuning,
+    conversion and the loss metrics run in float32; a denoiser loaded in another dtype is cast to
+    float32 for them and back to its dtype at the end (its weights then hold the same codes)."""
     denoiser = model.denoiser
     torch.manual_seed(cfg.seed)
-    loss = TrainingLoss(model, cfg.batch_size, cfg.seed)
-    held_out = TrainingLoss(model, cfg.batch_size, cfg.seed + 1_000_003)
+    if model.kind in DIGITS_KINDS and data is not None and (data.images is not None or data.samples is not None):
+        key = "train_images" if data.images is not None else "train_samples"
+        raise ValueError(f"{key}: the digits models fine-tune on the digits data; leave it out")
+    pool = None if model.kind in DIGITS_KINDS else build_pool(model, data or TrainingData(), cfg.seed, progress)
+    dtype = denoiser.dtype
+    if dtype != torch.float32:
+        denoiser.float()
+    loss = training_loss(model, cfg.batch_size, cfg.seed, pool)
+    held_out = training_loss(model, cfg.batch_size, cfg.seed + 1_000_003, pool)
     eval_batches = [held_out.batch() for _ in range(cfg.eval_batches)]
     originals = {name: m.weight.detach().float().clone() for name, m, role in quantizable_layers(denoiser)
                  if role in cfg.bits}
     metrics = {"qat_fp_loss": mean_loss(denoiser, held_out, eval_batches)}
-    targets = insert_fake_quant(denoiser, cfg, TrainingLoss(model, cfg.batch_size, cfg.seed + 1))
+    targets = insert_fake_quant(denoiser, cfg, training_loss(model, cfg.batch_size, cfg.seed + 1, pool))
     metrics["qat_start_loss"] = mean_loss(denoiser, held_out, eval_batches)  # fake quant, before fine-tuning
     start = time.time()
     losses = finetune(denoiser, cfg, loss, progress)
@@ -151,9 +166,11 @@ def quantize_qat(model, cfg: QATConfig, progress: Progress | None = None) -> QAT
     entries, packed = convert(targets, originals, cfg.act_bits)
     metrics["qat_quant_loss"] = mean_loss(denoiser, held_out, eval_batches)
     metrics["finetune_final_loss"] = sum(losses[-20:]) / len(losses[-20:])
+    if dtype != torch.float32:
+        denoiser.to(dtype)
     layers = []
     for name, m, role in quantizable_layers(denoiser):
         entry = {"name": name, "role": role, "params": m.weight.numel(), "bits": None, "weight_err": None}
         entry.update(entries.get(name, {}))
         layers.append(entry)
-    return QATResult(layers=layers, packed=packed, metrics=metrics, losses=losses)
+    return QATResult(layers=layers, packed=packed, metrics=metrics, losses=losses, pool=pool)
