@@ -597,3 +597,54 @@ def test_fisher_images_come_from_the_packed_checkpoint(finished):
     quantized = to_uint8(sample_images(model, *args)).astype(int)
     assert np.abs(quantized - stored[:n].astype(int)).max() <= 1
     assert np.abs(full_precision - stored[:n].astype(int)).max() > 1
+
+
+# --- calibration latents of a real pipeline ------------------------------------------------
+
+
+def test_generated_calibration_follows_the_experiment_with_progress_and_its_own_cache_entry(tmp_path, tiny_sd):
+    """A real pipeline's calibration latents are sampled with the experiment's steps, guidance
+    and negative prompt (spied on the sampler), or with the variant's `calibration.steps` /
+    `calibration.guidance`; progress counts the denoising steps; each generation is its own
+    cache entry, and a cached one generates nothing."""
+    import torch
+
+    from engine.fisher_keys import validate_fisher
+    from engine.models.loader import load_text_to_image
+    from engine.quant.fisher_method import plan_fisher
+    from engine.run_config import SamplingConfig
+
+    model = load_text_to_image(tiny_sd, torch.device("cpu"))
+    calls, events = [], []
+    sample_batch = model.sample_batch
+
+    def spy(prompts, latents, steps, guidance, negative_prompt="", on_step=None):
+        calls.append((len(prompts), steps, guidance, negative_prompt))
+        return sample_batch(prompts, latents, steps, guidance, negative_prompt=negative_prompt, on_step=on_step)
+
+    model.sample_batch = spy
+    prompts = ["a photo of a cat", "a red car on a street"]
+    sampling = SamplingConfig(samples=4, steps=3, guidance=2.5, seed=0, batch_size=4, negative_prompt="blurry")
+    keys = {"strategy": "ratio", "ratio": 0.25, "measure_sensitivity": False, "calibration": {"samples": 10, "seed": 1}}
+    cache = tmp_path / "cache"
+
+    def plan(params, sampling=sampling):
+        calls.clear(), events.clear()
+        return plan_fisher(model, validate_fisher(params), 10**9, cache, lambda *e: events.append(e),
+                           prompts=prompts, sampling=sampling)
+
+    first = plan(keys)
+    assert calls == [(8, 3, 2.5, "blurry"), (2, 3, 2.5, "blurry")]  # batches of 8, the experiment's sampling
+    generation = [e for e in events if e[0] == "calibration"]
+    assert [e[1:3] for e in generation] == [(8 * i, 30) for i in range(1, 4)] + [(24 + 2 * i, 30) for i in range(1, 4)]
+    assert "3 steps, guidance 2.5" in generation[0][3]
+    assert events[-1][0] == "fisher" and events[-1][1:3] == (10, 10)
+    assert plan(keys).metrics["fisher_from_cache"] == 1 and calls == []  # cached: nothing generated
+    own = plan({**keys, "calibration": {"samples": 10, "seed": 1, "steps": 2, "guidance": 1.0}})
+    assert {c[1:3] for c in calls} == {(2, 1.0)} and own.metrics["fisher_from_cache"] == 0
+    assert len(list(cache.glob("fisher-*.safetensors"))) == 2
+    name = next(iter(first.bits))  # other latents, other statistics
+    assert own.layer_info[name]["fisher"] != first.layer_info[name]["fisher"]
+    positive = SamplingConfig(samples=4, steps=3, guidance=2.5, seed=0, batch_size=4, negative_prompt="")
+    assert plan(keys, positive).metrics["fisher_from_cache"] == 0 and {c[3] for c in calls} == {""}
+    assert len(list(cache.glob("fisher-*.safetensors"))) == 3
