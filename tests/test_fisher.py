@@ -143,7 +143,7 @@ def test_fisher_memory_is_one_layer_gradient_and_one_group_of_sums(loaded, monke
     names = [n for n, _, _ in layers]
     sizes = {n: m.weight.numel() for n, m, _ in layers}
     params = dict(denoiser.named_parameters())
-    budget = 4 * sum(sizes.values()) // 3  # about three groups
+    budget = -(-4 * sum(sizes.values()) // 3)  # a third of the float32 sums: three groups
     flags = {k: p.requires_grad for k, p in params.items()}
     seen, groups_seen = [], []
     real = fisher_sums._accumulate
@@ -170,10 +170,10 @@ def test_fisher_memory_is_one_layer_gradient_and_one_group_of_sums(loaded, monke
         handle.remove()
     expected = fisher_sums.layer_groups([sizes[n] for n in names], budget)
     k = len(expected)
-    assert k >= 3
+    assert k == math.ceil(4 * sum(sizes.values()) / budget) == 3
     assert [sorted(g) for g in groups_seen] == [sorted(names[i] for i in g) for g in expected]
-    for group in groups_seen:
-        assert 4 * sum(sizes[n] for n in group) <= budget or len(group) == 1
+    for group in groups_seen:  # within the budget plus one layer
+        assert 4 * sum(sizes[n] for n in group) < budget + 4 * max(sizes[n] for n in group)
     assert len(seen) == len(names) * len(calib)  # every weight's gradient, once per sample
     assert len(passes) == len(expected) * len(calib)
     assert [(d, t) for d, t, _ in progress] == [(i + 1, k * len(calib)) for i in range(k * len(calib))]
@@ -188,14 +188,24 @@ def test_fisher_memory_is_one_layer_gradient_and_one_group_of_sums(loaded, monke
 def test_layer_groups_fit_the_budget_in_model_order():
     from engine.quant.fisher_sums import available_memory, layer_groups
 
-    assert layer_groups([10, 10, 10, 10], 80) == [[0, 1], [2, 3]]
+    assert layer_groups([10, 10, 10, 10], 80) == [[0, 1], [2, 3]]  # float32 sums: 40 bytes each
     assert layer_groups([10, 30, 5, 5], 80) == [[0], [1], [2, 3]]  # 30 elements: one group alone
     assert layer_groups([10, 10], 10**9) == [[0, 1]]
     assert layer_groups([3, 3, 3], 1) == [[0], [1], [2]]
+    # as many groups as the budget needs (72 / 40: two), balanced, within the budget plus one layer
+    assert layer_groups([6, 6, 6], 40) == [[0, 1], [2]]
+    assert layer_groups([1] * 10, 20) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert layer_groups([1] * 9 + [2], 20) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # 44 / 20: three
     import torch
 
     free = available_memory(torch.device("cpu"))
     assert free is None or 0 < free
+    # the default budget: half the model's own bytes (or half the free memory, if less)
+    from engine.quant.fisher_sums import sums_budget
+
+    model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 50).to(torch.bfloat16))
+    own = 4 * 10100 + 2 * 5050
+    assert sums_budget(model) == (own // 2 if free is None else min(own // 2, free // 2))
 
 
 def test_fisher_stats_do_not_depend_on_the_grouping_and_report_progress(loaded):
@@ -203,7 +213,7 @@ def test_fisher_stats_do_not_depend_on_the_grouping_and_report_progress(loaded):
 
     model, calib = loaded
     events = []
-    one = compute_fisher_stats(model.denoiser, calib, on_progress=lambda *e: events.append(e))
+    one = compute_fisher_stats(model.denoiser, calib, budget=10**12, on_progress=lambda *e: events.append(e))
     assert [e[:2] for e in events] == [(i + 1, len(calib)) for i in range(len(calib))]
     assert events[0][2] == "Fisher information"
     many = compute_fisher_stats(model.denoiser, calib, budget=1)

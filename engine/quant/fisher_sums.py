@@ -13,24 +13,28 @@ statistics need (1/2 sum_i F_i (w_i - q(w_i))^2 at each candidate precision, com
 once its sums are complete, then dropped). When all of them do not fit the budget, the layers
 are split into contiguous groups that each fit, and every group makes its own pass over the
 calibration samples, only its weights requiring gradients (so backward stops at the group's
-first layer): passes = groups x samples. The budget is the smaller of the denoiser's own size
-in its dtype and half the free memory (/proc/meminfo MemAvailable, or the CUDA allocator's free
-memory); a layer larger than the budget is a group of its own.
+first layer): passes = groups x samples. The budget is half the denoiser's own size in its
+dtype, or half the free memory (/proc/meminfo MemAvailable, or the CUDA allocator's free
+memory) if that is less; groups are as many as the budget needs and balanced (each within the
+budget plus one layer).
 
 Arithmetic (sizes in GiB; "pipeline" is the denoiser plus the text encoders and the VAE, all
-resident while the statistics are computed):
+resident while the statistics are computed; the process itself, torch and diffusers, takes
+about 0.8 more):
 - SD 1.5 in float32: UNet 859.5M parameters (3.20), pipeline 1.07B (3.97); quantizable weights
-  859.1M in 282 layers, largest 29.5M (0.11). Sums 3.20 = the budget: one group, one pass.
-  Peak = pipeline 3.97 + sums 3.20 + one layer's gradient 0.11 + one sample's activations and
-  their gradients = about 7.3 + activations, within the goal 1.5 x 3.97 + 2 = 7.96. Before:
-  vmap over a chunk of one sample made a full gradient copy (3.20) beside the sums, 10.4 +
-  functorch's own buffers (15.8 GiB and rising when it was killed).
+  859.1M in 282 layers (float32 sums 3.20), largest 29.5M (0.11). Budget 1.60: two groups, two
+  passes over the samples. Peak = pipeline 3.97 + process 0.8 + one group's sums 1.6 + one
+  layer's gradient 0.11 + one sample's activations and their gradients (0.7 at 256x256) =
+  about 7.2, within the goal 1.5 x 3.97 + 2 = 7.96. All sums at once (one pass) measured 8.00
+  for the UNet alone at 256x256, 8.8 with the text encoder and VAE: over the goal. Before:
+  vmap over a chunk of one sample made a full gradient copy (3.20) beside the sums, and grew
+  with every sample (15.8 and rising when it was killed).
 - SD 3.5 Medium in bfloat16 without T5: transformer 2.24B parameters (4.18), pipeline with
   CLIP-L, CLIP-G and the VAE about 3.15B (5.87); quantizable weights 2.24B in 393 layers
-  (float32 sums 8.35). Budget 4.18: three groups, three passes. Peak = 5.87 + 4.18 + one layer
-  (0.04 in bfloat16, 0.08 as float32 while squared) + activations = about 10.1 + activations,
-  within the goal 1.5 x 5.87 + 2 = 10.8. A single pass would need 14.2 + activations; a
-  bfloat16 accumulator (8 significant bits over N terms) was rejected for its precision.
+  (float32 sums 8.35), largest 21.2M. Budget 2.09: four groups, four passes. Peak = 5.87 + 0.8 +
+  2.1 + one layer (0.04 in bfloat16, 0.08 as float32 while squared) + activations = about
+  8.9 + activations, within the goal 1.5 x 5.87 + 2 = 10.8. A bfloat16 accumulator (8
+  significant bits summed over N samples) was rejected for its precision.
 """
 
 from __future__ import annotations
@@ -63,27 +67,41 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def sums_budget(denoiser: nn.Module) -> int:
-    """Bytes the running Fisher sums of one group may take: the denoiser's own size in its
-    dtype, or half the free memory if that is less."""
+    """Bytes the running Fisher sums of one group should take: half the denoiser's own size in
+    its dtype, or half the free memory if that is less."""
     own = sum(p.numel() * p.element_size() for p in denoiser.parameters())
     device = next(denoiser.parameters()).device
     free = available_memory(device)
-    return own if free is None else min(own, free // 2)
+    return own // 2 if free is None else min(own // 2, free // 2)
 
 
-def layer_groups(sizes: list[int], budget: int) -> list[list[int]]:
-    """Contiguous groups of layer indices whose float32 sums (`sizes` in elements) each fit
-    `budget` bytes; a layer larger than the budget is a group of its own."""
+def _greedy(nbytes: list[int], capacity: int) -> list[list[int]]:
     groups: list[list[int]] = []
     used = 0
-    for i, size in enumerate(sizes):
-        nbytes = size * SUM_BYTES
-        if not groups or used + nbytes > budget:
+    for i, size in enumerate(nbytes):
+        if not groups or used + size > capacity:
             groups.append([])
             used = 0
         groups[-1].append(i)
-        used += nbytes
+        used += size
     return groups
+
+
+def layer_groups(sizes: list[int], budget: int) -> list[list[int]]:
+    """Contiguous groups of layer indices (`sizes` in elements, float32 sums): as many groups as
+    the budget needs, ceil(total bytes / budget), balanced so that the largest is as small as
+    it can be; it exceeds the budget by less than one layer (a layer larger than the budget is a
+    group of its own)."""
+    nbytes = [size * SUM_BYTES for size in sizes]
+    count = max(1, -(-sum(nbytes) // max(1, budget)))
+    low, high = max(nbytes), max(max(nbytes), sum(nbytes))
+    while low < high:  # the least capacity that needs no more than `count` groups
+        middle = (low + high) // 2
+        if len(_greedy(nbytes, middle)) <= count:
+            high = middle
+        else:
+            low = middle + 1
+    return _greedy(nbytes, low)
 
 
 def _accumulate(total: torch.Tensor, param: torch.Tensor) -> None:
