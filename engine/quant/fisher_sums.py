@@ -25,10 +25,12 @@ about 0.8 more):
   859.1M in 282 layers (float32 sums 3.20), largest 29.5M (0.11). Budget 1.60: two groups, two
   passes over the samples. Peak = pipeline 3.97 + process 0.8 + one group's sums 1.6 + one
   layer's gradient 0.11 + one sample's activations and their gradients (0.7 at 256x256) =
-  about 7.2, within the goal 1.5 x 3.97 + 2 = 7.96. All sums at once (one pass) measured 8.00
-  for the UNet alone at 256x256, 8.8 with the text encoder and VAE: over the goal. Before:
-  vmap over a chunk of one sample made a full gradient copy (3.20) beside the sums, and grew
-  with every sample (15.8 and rising when it was killed).
+  about 7.2, within the goal 1.5 x 3.97 + 2 = 7.96. Measured (bench/bench_fisher_memory.py,
+  the UNet alone at 256x256): 6.38 peak RSS, so about 7.15 with the text encoder and VAE; all
+  sums at once (one pass) measured 8.00, 8.8 with them: over the goal. Before: vmap over a
+  chunk of one sample made a full gradient copy beside the sums and grew with every sample
+  (15.8 and rising when it was killed; 9.66 after two samples on the 579M-parameter UNet with
+  one layer per block, against 5.52 with all sums at once).
 - SD 3.5 Medium in bfloat16 without T5: transformer 2.24B parameters (4.18), pipeline with
   CLIP-L, CLIP-G and the VAE about 3.15B (5.87); quantizable weights 2.24B in 393 layers
   (float32 sums 8.35), largest 21.2M. Budget 2.09: four groups, four passes. Peak = 5.87 + 0.8 +
