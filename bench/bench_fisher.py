@@ -1,9 +1,9 @@
 """Cost of the Fisher information of method `fisher` against one training epoch.
 
 Fisher: the per-sample squared gradients of the training loss over the calibration set
-(`engine.quant.fisher.per_sample_fisher`, chunks of `--chunk` samples), which is what the
+(`engine.quant.fisher_sums.per_sample_fisher`, one sample per backward pass), which is what the
 method computes on the trained weights. Epoch: forward, backward, gradient clipping and an AdamW
-step over the same calibration samples in batches of the same size, on a copy of the model, as
+step over the same calibration samples in batches of `--chunk`, on a copy of the model, as
 `engine train` does. Rounds alternate the two; the medians are compared. Target ratio <= 3.
 
 Printed for information too: the Fisher-weighted errors at every precision (one quantization
@@ -26,7 +26,8 @@ from engine.calibration import calibration_for, training_loss
 from engine.models.loader import load_text_to_image
 from engine.models.registry import resolve_model
 from engine.quant import quantizable_layers
-from engine.quant.fisher import fisher_weighted_errors, measured_sensitivity, per_sample_fisher
+from engine.quant.fisher import fisher_weighted_errors, measured_sensitivity
+from engine.quant.fisher_sums import per_sample_fisher
 
 
 def epoch(denoiser: torch.nn.Module, calib, batch_size: int) -> float:
@@ -57,12 +58,12 @@ def main() -> None:
     calib = calibration_for(model, args.samples, seed=1)
     layers = quantizable_layers(model.denoiser)
     names = [name for name, _, _ in layers]
-    per_sample_fisher(model.denoiser, calib, names[:1], args.chunk)  # warm-up
+    per_sample_fisher(model.denoiser, calib, names[:1])  # warm-up
     epoch(model.denoiser, calib, args.chunk)
     fisher_times, epoch_times = [], []
     for _ in range(args.rounds):
         start = time.perf_counter()
-        fisher = per_sample_fisher(model.denoiser, calib, names, args.chunk)
+        fisher = per_sample_fisher(model.denoiser, calib, names)
         fisher_times.append(time.perf_counter() - start)
         epoch_times.append(epoch(model.denoiser, calib, args.chunk))
     start = time.perf_counter()

@@ -9,13 +9,18 @@ engine.models.adapters.objectives):
 - rectified flow (the MMDiT, SD 3): x_t = (1 - sigma) x_0 + sigma noise, target noise - x_0.
 Timesteps cover the whole training schedule: one per equal stratum of it, in random order.
 
-The same (model, samples, seed) always gives the same set, so every variant of an experiment,
-and the Fisher cache, sees exactly the same calibration data.
+Models without their training images (real pipelines) draw the clean images from the
+full-precision model itself: latents it samples from the experiment's prompts, with the
+experiment's steps, guidance and negative prompt unless the variant's own calibration keys give
+other steps or guidance (`generation_for`).
+
+The same (model, samples, seed, generation) always gives the same set, so every variant of an
+experiment, and the Fisher cache, sees exactly the same calibration data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +56,19 @@ class CalibrationSet:
 
 def predict(denoiser: nn.Module, flow: bool, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
             pooled: torch.Tensor) -> torch.Tensor:
-    """The denoiser's prediction for a batch, called the way its kind is trained."""
+    """The denoiser's prediction for a batch, called the way its kind is trained (the float
+    inputs in the denoiser's dtype: a calibration set is float32, a model may be half)."""
+    dtype = next(denoiser.parameters()).dtype
+    x, states, pooled = x.to(dtype), states.to(dtype), pooled.to(dtype)
     if flow:
         return denoiser(x, states, pooled, t).sample
     return denoiser(x, t, states).sample
 
 
 def training_loss(denoiser: nn.Module, flow: bool, batch: Batch) -> torch.Tensor:
-    """The training loss of one batch: mean squared error against the true target."""
+    """The training loss of one batch: mean squared error against the true target, in float32."""
     x, t, states, pooled, target = batch
-    return (predict(denoiser, flow, x, t, states, pooled) - target).pow(2).mean()
+    return (predict(denoiser, flow, x, t, states, pooled).float() - target.float()).pow(2).mean()
 
 
 def stratified(n: int, total: int, generator: torch.Generator) -> torch.Tensor:
@@ -114,9 +122,20 @@ def digits_source() -> tuple[torch.Tensor, list[list[str]]]:
     return digits_training_data()
 
 
-def calibration_for(model: TextToImageModel, samples: int, seed: int, prompts: list[str] | None = None
-                    ) -> CalibrationSet:
+def generation_for(calibration: dict, sampling) -> dict:
+    """How a real pipeline samples its calibration latents: the variant's `calibration.steps`
+    and `calibration.guidance` where given, else the experiment's (`sampling`: a run's
+    SamplingConfig), with the experiment's negative prompt. The keyword arguments of
+    `calibration_for` and of the model's `calibration_key`."""
+    return {"steps": calibration.get("steps", sampling.steps),
+            "guidance": float(calibration.get("guidance", sampling.guidance)),
+            "negative_prompt": sampling.negative_prompt}
+
+
+def calibration_for(model: TextToImageModel, samples: int, seed: int, prompts: list[str] | None = None,
+                    on_progress: Callable[[int, int], None] | None = None, **generation) -> CalibrationSet:
     """The calibration set of a loaded model, from the data its family was trained on (or, for
-    real pipelines, latents it generates from the experiment's `prompts`)."""
-    images, choices = model.calibration_source(samples, seed, prompts)
+    real pipelines, latents it generates from the experiment's `prompts` as `generation` says:
+    steps, guidance, negative_prompt; `on_progress(done, total)` counts denoising steps)."""
+    images, choices = model.calibration_source(samples, seed, prompts, on_progress=on_progress, **generation)
     return build_calibration(model, images, choices, samples, seed)

@@ -9,7 +9,11 @@
                                   #   (the Fisher-weighted error at the low bit-width)
     symmetric = true
     calibration = { samples = 64, seed = 1 }
+                                  # real pipelines generate the clean latents with the
+                                  #   experiment's steps and guidance, or the table's own
+                                  #   `steps = 20`, `guidance = 5.0` when given
     measure_sensitivity = true    # quantize one layer at a time to `low` and measure
+                                  #   (two calibration passes per quantizable layer)
 
 Strategy keys:
     global   threshold = 0.1          a layer keeps `high` if its score >= threshold x the
@@ -50,7 +54,9 @@ TWO_LEVEL_KEYS = ("high", "low", "score")  # every strategy except budget
 HIGH_CHOICES = (8, FP16, FP32)
 SCORES = ("fisher", "estimate")
 CALIBRATION_DEFAULTS = {"samples": 64, "seed": 1}
+CALIBRATION_GENERATION = ("steps", "guidance")  # optional: absent means the experiment's
 MAX_CALIBRATION_SAMPLES = 100_000
+MAX_CALIBRATION_STEPS = 1000
 MAX_K = 10.0
 DEFAULT_CANDIDATES = [4, 6, 8]
 
@@ -82,8 +88,9 @@ def _calibration(value) -> dict:
     if not isinstance(value, dict):
         raise BadKey("calibration", f"must be a table such as {{ samples = 64, seed = 1 }}, got {value!r}")
     for key in value:
-        if key not in CALIBRATION_DEFAULTS:
-            raise BadKey(f"calibration.{key}", f"unknown key; keys are {', '.join(CALIBRATION_DEFAULTS)}")
+        if key not in CALIBRATION_DEFAULTS and key not in CALIBRATION_GENERATION:
+            keys = ", ".join([*CALIBRATION_DEFAULTS, *CALIBRATION_GENERATION])
+            raise BadKey(f"calibration.{key}", f"unknown key; keys are {keys}")
     out = {**CALIBRATION_DEFAULTS, **value}
     samples, seed = out["samples"], out["seed"]
     if isinstance(samples, bool) or not isinstance(samples, int):
@@ -94,7 +101,18 @@ def _calibration(value) -> dict:
         raise BadKey("calibration.samples", f"must be at most {MAX_CALIBRATION_SAMPLES}, got {samples}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise BadKey("calibration.seed", f"must be an integer >= 0, got {seed!r}")
-    return {"samples": samples, "seed": seed}
+    out = {"samples": samples, "seed": seed}  # the generation keys only when given: stored configs keep their hash
+    if "steps" in value:
+        steps = value["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_CALIBRATION_STEPS:
+            raise BadKey("calibration.steps", f"must be an integer between 1 and {MAX_CALIBRATION_STEPS}, got {steps!r}")
+        out["steps"] = steps
+    if "guidance" in value:
+        guidance = value["guidance"]
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
+            raise BadKey("calibration.guidance", f"must be a finite number >= 0, got {guidance!r}")
+        out["guidance"] = float(guidance)
+    return out
 
 
 def _groups(groups, thresholds) -> tuple[list[list[str]], list[float]]:

@@ -81,7 +81,11 @@ def _direct_fisher(denoiser, calib, names, target):
     sums = {n: 0.0 for n in names}
     for i in range(len(calib)):
         denoiser.zero_grad(set_to_none=True)
-        pred = denoiser(calib.noisy[i : i + 1], calib.timesteps[i : i + 1], calib.states[i : i + 1]).sample
+        if calib.flow:
+            pred = denoiser(calib.noisy[i : i + 1], calib.states[i : i + 1], calib.pooled[i : i + 1],
+                            calib.timesteps[i : i + 1]).sample
+        else:
+            pred = denoiser(calib.noisy[i : i + 1], calib.timesteps[i : i + 1], calib.states[i : i + 1]).sample
         F.mse_loss(pred, target[i : i + 1]).backward()
         for n in names:
             sums[n] = sums[n] + modules[n].weight.grad.detach().pow(2)
@@ -95,22 +99,143 @@ def _close(a, b) -> bool:
 
 def test_fisher_is_the_mean_squared_per_sample_gradient_of_the_trained_model(loaded, tiny_models):
     from engine.models.loader import load_text_to_image
-    from engine.quant.fisher import per_sample_fisher
+    from engine.quant.fisher_sums import per_sample_fisher
 
     model, calib = loaded
     names = [n for n, _, _ in _layers(model)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fisher = per_sample_fisher(model.denoiser, calib, names, chunk=4)
+    fisher = per_sample_fisher(model.denoiser, calib, names)
     trained = load_text_to_image(tiny_models["model"]).denoiser  # the same weights, loaded again
     assert _close(fisher, _direct_fisher(trained, calib, names, calib.target))
     # What the seed's code did instead gives other values: a loss against the noisy input, or
     # a freshly initialised network.
     assert not _close(fisher, _direct_fisher(trained, calib, names, calib.noisy))
     fresh = type(trained).from_config(trained.config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert not _close(fisher, per_sample_fisher(fresh, calib, names, chunk=4))
+    assert not _close(fisher, per_sample_fisher(fresh, calib, names))
+
+
+def test_fisher_of_a_rectified_flow_mmdit_is_the_direct_one(tiny_mmdit):
+    import torch
+
+    from engine.calibration import calibration_for
+    from engine.models.loader import load_text_to_image
+    from engine.quant.fisher_sums import per_sample_fisher
+
+    model = load_text_to_image(tiny_mmdit, torch.device("cpu"))
+    calib = calibration_for(model, 5, seed=2)
+    assert calib.flow
+    names = [n for n, _, _ in _layers(model)]
+    fisher = per_sample_fisher(model.denoiser, calib, names, budget=1)  # one layer per group, too
+    assert _close(fisher, _direct_fisher(load_text_to_image(tiny_mmdit).denoiser, calib, names, calib.target))
+
+
+def test_fisher_memory_is_one_layer_gradient_and_one_group_of_sums(loaded, monkeypatch):
+    """Structural check of the memory design: when a gradient is squared into its sum, it is
+    the only gradient alive and has the weight's own shape (no per-sample or chunk dimension);
+    only the current group's weights require gradients, and that group's float32 sums fit the
+    budget (or are one layer); each group makes one pass over the samples."""
+    import torch
+
+    from engine.quant import fisher_sums
+
+    model, calib = loaded
+    denoiser = model.denoiser
+    layers = _layers(model)
+    names = [n for n, _, _ in layers]
+    sizes = {n: m.weight.numel() for n, m, _ in layers}
+    params = dict(denoiser.named_parameters())
+    budget = -(-4 * sum(sizes.values()) // 3)  # a third of the float32 sums: three groups
+    flags = {k: p.requires_grad for k, p in params.items()}
+    seen, groups_seen = [], []
+    real = fisher_sums._accumulate
+
+    def spy(total, param):
+        alive = [k for k, p in params.items() if p.grad is not None]
+        tracked = sorted(k[: -len(".weight")] for k, p in params.items() if p.requires_grad)
+        assert len(alive) == 1 and params[alive[0]] is param and param.grad.shape == param.shape
+        assert total.dtype == torch.float32 and total.shape == param.shape
+        if not groups_seen or groups_seen[-1] != tracked:
+            groups_seen.append(tracked)
+        seen.append(alive[0])
+        real(total, param)
+        assert param.grad is None
+
+    monkeypatch.setattr(fisher_sums, "_accumulate", spy)
+    passes = []
+    handle = denoiser.register_forward_hook(lambda *a: passes.append(1))
+    try:
+        progress = []
+        fisher = fisher_sums.per_sample_fisher(denoiser, calib, names, budget,
+                                               on_progress=lambda *event: progress.append(event))
+    finally:
+        handle.remove()
+    expected = fisher_sums.layer_groups([sizes[n] for n in names], budget)
+    k = len(expected)
+    assert k == math.ceil(4 * sum(sizes.values()) / budget) == 3
+    assert [sorted(g) for g in groups_seen] == [sorted(names[i] for i in g) for g in expected]
+    for group in groups_seen:  # within the budget plus one layer
+        assert 4 * sum(sizes[n] for n in group) < budget + 4 * max(sizes[n] for n in group)
+    assert len(seen) == len(names) * len(calib)  # every weight's gradient, once per sample
+    assert len(passes) == len(expected) * len(calib)
+    assert [(d, t) for d, t, _ in progress] == [(i + 1, k * len(calib)) for i in range(k * len(calib))]
+    assert progress[-1][2] == f"Fisher information, layer group {k}/{k}"
+    # the model is left as it was: flags, no gradients; the result is that of one group
+    assert {k: p.requires_grad for k, p in params.items()} == flags
+    assert all(p.grad is None for p in params.values())
+    monkeypatch.setattr(fisher_sums, "_accumulate", real)
+    assert _close(fisher, fisher_sums.per_sample_fisher(denoiser, calib, names))
+
+
+def test_layer_groups_fit_the_budget_in_model_order():
+    from engine.quant.fisher_sums import available_memory, layer_groups
+
+    assert layer_groups([10, 10, 10, 10], 80) == [[0, 1], [2, 3]]  # float32 sums: 40 bytes each
+    assert layer_groups([10, 30, 5, 5], 80) == [[0], [1], [2, 3]]  # 30 elements: one group alone
+    assert layer_groups([10, 10], 10**9) == [[0, 1]]
+    assert layer_groups([3, 3, 3], 1) == [[0], [1], [2]]
+    # as many groups as the budget needs (72 / 40: two), balanced, within the budget plus one layer
+    assert layer_groups([6, 6, 6], 40) == [[0, 1], [2]]
+    assert layer_groups([1] * 10, 20) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert layer_groups([1] * 9 + [2], 20) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # 44 / 20: three
+    import torch
+
+    free = available_memory(torch.device("cpu"))
+    assert free is None or 0 < free
+    # the default budget: half the model's own bytes (or half the free memory, if less)
+    from engine.quant.fisher_sums import sums_budget
+
+    model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 50).to(torch.bfloat16))
+    own = 4 * 10100 + 2 * 5050
+    assert sums_budget(model) == (own // 2 if free is None else min(own // 2, free // 2))
+
+
+def test_fisher_stats_do_not_depend_on_the_grouping_and_report_progress(loaded):
+    from engine.quant.fisher import compute_fisher_stats
+
+    model, calib = loaded
+    events = []
+    one = compute_fisher_stats(model.denoiser, calib, budget=10**12, on_progress=lambda *e: events.append(e))
+    assert [e[:2] for e in events] == [(i + 1, len(calib)) for i in range(len(calib))]
+    assert events[0][2] == "Fisher information"
+    many = compute_fisher_stats(model.denoiser, calib, budget=1)
+    np.testing.assert_allclose(many.fisher, one.fisher, rtol=1e-5)
+    for key in one.errors:
+        np.testing.assert_allclose(many.errors[key], one.errors[key], rtol=1e-5)
+    assert many.loss == one.loss
+
+
+def test_fisher_of_a_bfloat16_model_is_close_to_float32(loaded, tiny_models):
+    import copy
+
+    import torch
+
+    from engine.quant.fisher import compute_fisher_stats
+
+    model, calib = loaded
+    half = copy.deepcopy(model.denoiser).to(torch.bfloat16)
+    full = compute_fisher_stats(model.denoiser, calib)
+    low = compute_fisher_stats(half, calib)
+    assert np.isfinite(low.fisher).all() and low.loss == pytest.approx(full.loss, rel=0.05)
+    assert spearman(low.fisher, full.fisher) > 0.95
 
 
 def test_fisher_weighted_error_is_half_the_fisher_weighted_squared_error(loaded):
@@ -132,6 +257,23 @@ def test_fisher_weighted_error_is_half_the_fisher_weighted_squared_error(loaded)
         direct16 = 0.5 * (fisher[name] * (w.detach().half().float() - w) ** 2).sum().item()
         assert errors["fp16"][i] == pytest.approx(direct16, rel=1e-5) and errors["fp32"][i] == 0.0
         assert errors["w8s"][i] < errors["w4s"][i]
+
+
+def test_fisher_weighted_error_in_blocks_of_rows_is_that_of_the_whole_weight(loaded, monkeypatch):
+    import torch
+
+    from engine.quant import fisher as fisher_module
+
+    model, _ = loaded
+    layers = _layers(model)
+    g = torch.Generator().manual_seed(1)
+    weights = {n: m.weight for n, m, _ in layers}
+    fisher = {n: torch.rand(m.weight.shape, generator=g) for n, m, _ in layers}
+    whole = fisher_module.fisher_weighted_errors(weights, fisher)
+    monkeypatch.setattr(fisher_module, "ERROR_CHUNK", 7)  # a few rows (or one) at a time
+    rows = fisher_module.fisher_weighted_errors(weights, fisher)
+    for key in whole:
+        np.testing.assert_allclose(rows[key], whole[key], rtol=1e-9, atol=0)
 
 
 def test_measured_sensitivity_quantizes_one_layer_at_a_time_and_restores_it(loaded):
@@ -334,6 +476,12 @@ BAD = [
      "groups", "layers in no group"),
     ("thresholds per group", "strategy = 'groups'\ngroups = [['conv_in'], ['*']]\ngroup_thresholds = [0.1]",
      "group_thresholds", "a list of 2 numbers"),
+    ("calibration steps", "strategy = 'ratio'\nratio = 0.5\ncalibration = { steps = 0 }", "calibration.steps",
+     "must be an integer between 1 and 1000, got 0"),
+    ("calibration guidance", "strategy = 'ratio'\nratio = 0.5\ncalibration = { guidance = 'high' }",
+     "calibration.guidance", "must be a finite number >= 0"),
+    ("calibration key", "strategy = 'ratio'\nratio = 0.5\ncalibration = { sample = 4 }", "calibration.sample",
+     "unknown key; keys are samples, seed, steps, guidance"),
 ]
 
 
@@ -459,3 +607,55 @@ def test_fisher_images_come_from_the_packed_checkpoint(finished):
     quantized = to_uint8(sample_images(model, *args)).astype(int)
     assert np.abs(quantized - stored[:n].astype(int)).max() <= 1
     assert np.abs(full_precision - stored[:n].astype(int)).max() > 1
+
+
+# --- calibration latents of a real pipeline ------------------------------------------------
+
+
+def test_generated_calibration_follows_the_experiment_with_progress_and_its_own_cache_entry(tmp_path, tiny_sd):
+    """A real pipeline's calibration latents are sampled with the experiment's steps, guidance
+    and negative prompt (spied on the sampler), or with the variant's `calibration.steps` /
+    `calibration.guidance`; progress counts the denoising steps; each generation is its own
+    cache entry, and a cached one generates nothing."""
+    import torch
+
+    from engine.fisher_keys import validate_fisher
+    from engine.models.loader import load_text_to_image
+    from engine.quant.fisher_method import plan_fisher
+    from engine.run_config import SamplingConfig
+
+    model = load_text_to_image(tiny_sd, torch.device("cpu"))
+    calls, events = [], []
+    sample_batch = model.sample_batch
+
+    def spy(prompts, latents, steps, guidance, negative_prompt="", on_step=None):
+        calls.append((len(prompts), steps, guidance, negative_prompt))
+        return sample_batch(prompts, latents, steps, guidance, negative_prompt=negative_prompt, on_step=on_step)
+
+    model.sample_batch = spy
+    prompts = ["a photo of a cat", "a red car on a street"]
+    sampling = SamplingConfig(samples=4, steps=3, guidance=2.5, seed=0, batch_size=4, negative_prompt="blurry")
+    keys = {"strategy": "ratio", "ratio": 0.25, "measure_sensitivity": False, "calibration": {"samples": 10, "seed": 1}}
+    cache = tmp_path / "cache"
+
+    def plan(params, sampling=sampling):
+        calls.clear(), events.clear()
+        return plan_fisher(model, validate_fisher(params), 10**9, cache, lambda *e: events.append(e),
+                           prompts=prompts, sampling=sampling)
+
+    first = plan(keys)
+    assert calls == [(8, 3, 2.5, "blurry"), (2, 3, 2.5, "blurry")]  # batches of 8, the experiment's sampling
+    generation = [e for e in events if e[0] == "calibration"]
+    assert [e[1:3] for e in generation] == [(8 * i, 30) for i in range(1, 4)] + [(24 + 2 * i, 30) for i in range(1, 4)]
+    assert "3 steps, guidance 2.5" in generation[0][3]
+    stage, done, total, _ = events[-1]  # the Fisher follows: samples x layer groups
+    assert stage == "fisher" and done == total and total % 10 == 0
+    assert plan(keys).metrics["fisher_from_cache"] == 1 and calls == []  # cached: nothing generated
+    own = plan({**keys, "calibration": {"samples": 10, "seed": 1, "steps": 2, "guidance": 1.0}})
+    assert {c[1:3] for c in calls} == {(2, 1.0)} and own.metrics["fisher_from_cache"] == 0
+    assert len(list(cache.glob("fisher-*.safetensors"))) == 2
+    name = next(iter(first.bits))  # other latents, other statistics
+    assert own.layer_info[name]["fisher"] != first.layer_info[name]["fisher"]
+    positive = SamplingConfig(samples=4, steps=3, guidance=2.5, seed=0, batch_size=4, negative_prompt="")
+    assert plan(keys, positive).metrics["fisher_from_cache"] == 0 and {c[3] for c in calls} == {""}
+    assert len(list(cache.glob("fisher-*.safetensors"))) == 3

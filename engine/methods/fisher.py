@@ -36,7 +36,7 @@ def quantize(ctx: QuantContext) -> QuantResult:
     from engine.quant.fisher_method import plan_fisher
 
     plan = plan_fisher(ctx.model, ctx.params, ctx.fp32_bytes, ctx.cache_dir, ctx.progress,
-                       prompts=sampling_prompts(ctx.run.sampling))
+                       prompts=sampling_prompts(ctx.run.sampling), sampling=ctx.run.sampling)
     report = quantize_(ctx.model.denoiser, plan.config)
     return QuantResult(layers=plan.annotate(report.layers), packed=report.packed, half=report.half,
                        metrics=plan.metrics, max_bytes=plan.max_bytes)

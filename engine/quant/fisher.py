@@ -3,11 +3,14 @@
 - Fisher per weight element: the mean over the calibration samples of the squared per-sample
   gradient of the training loss (the empirical Fisher), computed on the weights as loaded, with
   the loss against the true target (noise, or velocity for rectified flow) at timesteps across
-  the whole schedule. Per-sample gradients come from `torch.func` (vmap of grad) in chunks.
+  the whole schedule. Per-sample gradients come from plain autograd, one sample per backward,
+  squared into float32 sums layer by layer as autograd produces them (engine.quant.fisher_sums:
+  memory bounded by one layer's gradient and one group of sums; the arithmetic for SD 1.5 and
+  SD 3.5 Medium is there).
 - Per layer: its Fisher value (the mean of its elements' Fisher) and, for each precision, the
   Fisher-weighted quantization error 1/2 sum_i F_i (w_i - q(w_i))^2, which ranks what storing
-  that layer at that precision costs. The per-element Fisher is dropped once these are
-  computed.
+  that layer at that precision costs. They are computed as soon as a group of layers has its
+  per-element Fisher, which is then dropped.
 - The Fisher-weighted error is a relative quantity, proportional to the loss increase it
   predicts, not that increase: the empirical Fisher of this loss is not its Hessian. The loss
   of a sample is l_n = 1/D ||f_n(w) - y_n||^2, the mean over its D output elements; with
@@ -40,12 +43,15 @@ import torch
 from torch import nn
 
 from engine.calibration import CalibrationSet, training_loss
+from engine.quant.fisher_sums import fisher_by_group
 from engine.quant.roles import quantizable_layers
 from engine.quant.rtn import fake_quantize
 
 FP16, FP32 = 16, 32
 INT_BITS = tuple(range(2, 9))
 Progress = Callable[[int, int], None]
+FisherProgress = Callable[[int, int, str], None]  # (done, total, message)
+ERROR_CHUNK = 1 << 20  # weight elements per step of the Fisher-weighted errors
 
 
 def error_key(bits: int, symmetric: bool) -> str:
@@ -84,57 +90,28 @@ class FisherStats:
         return self.errors[error_key(bits, symmetric)]
 
 
-def _call_args(flow: bool, x, t, states, pooled) -> tuple:
-    """The denoiser's positional arguments, as `engine.calibration.predict` passes them."""
-    return (x, states, pooled, t) if flow else (x, t, states)
-
-
-@torch.no_grad()  # torch.func.grad computes its own gradients; nothing else needs a graph
-def per_sample_fisher(
-    denoiser: nn.Module, calib: CalibrationSet, names: list[str], chunk: int = 16,
-    on_progress: Progress | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-element Fisher of the weights of the named modules: the mean over the calibration
-    samples of the squared gradient of each sample's own training loss."""
-    from torch.func import functional_call, grad, vmap
-
-    modules = dict(denoiser.named_modules())
-    weights = {f"{name}.weight": modules[name].weight.detach() for name in names}
-    flow = calib.flow
-
-    def sample_loss(w, x, t, states, pooled, target):
-        args = _call_args(flow, x[None], t[None], states[None], pooled[None])
-        pred = functional_call(denoiser, w, args).sample
-        return (pred - target[None]).pow(2).mean()
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0, 0, 0))
-    sums = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
-    done, total = 0, len(calib)
-    for batch in calib.batches(chunk):
-        grads = per_sample(weights, *batch)
-        for key in sums:
-            sums[key] += grads[key].float().pow(2).sum(0)
-        done += len(batch[0])
-        if on_progress:
-            on_progress(done, total)
-    return {key[: -len(".weight")]: value / total for key, value in sums.items()}
-
-
 def fisher_weighted_errors(
     weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]
 ) -> dict[str, np.ndarray]:
     """error_key -> [L]: 1/2 sum_i F_i (w_i - q(w_i))^2 of each layer (in the order of
-    `weights`) at every precision: 2..8 bits symmetric and asymmetric, float16, float32."""
+    `weights`) at every precision: 2..8 bits symmetric and asymmetric, float16, float32.
+
+    Computed in float64, `ERROR_CHUNK` elements of whole rows at a time: quantization is per
+    output channel (row), so a block of rows quantizes as in the whole weight, and the float64
+    copies take a few MB instead of several times the largest layer."""
     out = {key: np.zeros(len(weights)) for key in ERROR_KEYS}
     for i, (name, weight) in enumerate(weights.items()):
-        f = fisher[name].double()
-        w = weight.detach().double()
-        for symmetric in (True, False):
-            for bits in INT_BITS:
-                diff = stored_weight(weight, bits, symmetric).double() - w
-                out[error_key(bits, symmetric)][i] = 0.5 * float((f * diff.pow(2)).sum())
-        diff = stored_weight(weight, FP16, True).double() - w
-        out["fp16"][i] = 0.5 * float((f * diff.pow(2)).sum())
+        weight = weight.detach()
+        step = max(1, ERROR_CHUNK // max(1, weight[0].numel()))
+        for start in range(0, weight.shape[0], step):
+            part = weight[start : start + step]
+            f, w = fisher[name][start : start + step].double(), part.double()
+            for symmetric in (True, False):
+                for bits in INT_BITS:
+                    diff = stored_weight(part, bits, symmetric).double() - w
+                    out[error_key(bits, symmetric)][i] += 0.5 * float((f * diff.pow(2)).sum())
+            diff = stored_weight(part, FP16, True).double() - w
+            out["fp16"][i] += 0.5 * float((f * diff.pow(2)).sum())
     return out
 
 
@@ -148,20 +125,30 @@ def calibration_loss(denoiser: nn.Module, calib: CalibrationSet, batch_size: int
 
 
 def compute_fisher_stats(
-    denoiser: nn.Module, calib: CalibrationSet, chunk: int = 16, on_progress: Progress | None = None
+    denoiser: nn.Module, calib: CalibrationSet, budget: int | None = None,
+    on_progress: FisherProgress | None = None,
 ) -> FisherStats:
-    """Fisher values and Fisher-weighted errors of every quantizable layer of `denoiser`."""
+    """Fisher values and Fisher-weighted errors of every quantizable layer of `denoiser`, one
+    group of layers at a time (`budget`: bytes of float32 sums per group, see
+    engine.quant.fisher_sums; None: chosen from the model's size and the free memory)."""
     if len(calib) == 0:
         raise ValueError("the calibration set is empty")
     layers = quantizable_layers(denoiser)
     names = [name for name, _, _ in layers]
-    start = time.perf_counter()
-    fisher = per_sample_fisher(denoiser, calib, names, chunk, on_progress)
-    seconds = time.perf_counter() - start
     weights = {name: module.weight for name, module, _ in layers}
-    errors = fisher_weighted_errors(weights, fisher)
-    values = np.array([float(fisher[name].double().mean()) for name in names])
-    del fisher  # per-element Fisher is no longer needed
+    index = {name: i for i, name in enumerate(names)}
+    values = np.zeros(len(names))
+    errors = {key: np.zeros(len(names)) for key in ERROR_KEYS}
+    seconds, start = 0.0, time.perf_counter()
+    for part in fisher_by_group(denoiser, calib, names, budget, on_progress):
+        seconds += time.perf_counter() - start
+        group_errors = fisher_weighted_errors({name: weights[name] for name in part}, part)
+        for j, (name, fisher) in enumerate(part.items()):
+            values[index[name]] = float(fisher.mean(dtype=torch.float64))
+            for key in ERROR_KEYS:
+                errors[key][index[name]] = group_errors[key][j]
+        del part, fisher  # this group's per-element Fisher is no longer needed
+        start = time.perf_counter()
     return FisherStats(names=names, fisher=values, errors=errors, loss=calibration_loss(denoiser, calib),
                        seconds=seconds)
 

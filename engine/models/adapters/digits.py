@@ -88,10 +88,10 @@ class DigitsAdapter(PipelineAdapter):
         calibration = [prompt_for(d, calibration_templates[t]) for d, t in zip(digits[0], templates)]
         return calibration, [prompt_for(d, EVAL_TEMPLATE) for d in digits[1]]
 
-    def calibration_source(self, samples, seed, prompts):
-        return digits_training_data()
+    def calibration_source(self, samples, seed, prompts, **generation):
+        return digits_training_data()  # nothing is generated: `generation` does not apply
 
-    def calibration_key(self, calibration, prompts):
+    def calibration_key(self, calibration, prompts, **generation):
         return calibration  # the digits data are fixed
 
 
