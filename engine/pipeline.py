@@ -88,6 +88,7 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
 
     result, metrics = quantize_stage(store, run_id, run, model, reporter)
     checkpoint = folder / CHECKPOINT_FILE if result.packed is not None else None
+    result.packed = None  # the codes are in the checkpoint now: sampling must not hold them (1 byte a weight)
     runtime = prepare_execution(model, run, result, checkpoint, reporter.progress)
     metrics.update(runtime.metrics)  # model_bytes, compile_s
 
