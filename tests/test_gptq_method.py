@@ -396,6 +396,8 @@ def test_a_failing_layer_restores_the_model_and_writes_nothing(tiny_mmdit, tmp_p
         ('method = "gptq"\nbits = 4\ncalibration = { samples = 0 }', "calibration.samples", "empty calibration set"),
         ('method = "gptq"\nbits = 4\nact_bits = 4', "act_bits", "must be 8"),
         ('method = "rtn"\nbits = 4\nact_mode = "sometimes"', "act_mode", "static, dynamic"),
+        ('method = "gptq"\nbits = 4\nkeep_calibration = 0', "keep_calibration", "must be true or false"),
+        ('method = "rtn"\nbits = 4\nkeep_calibration = false', "keep_calibration", "calibrated RTN only"),
     ],
 )
 def test_bad_gptq_keys_are_located_errors(tmp_path, tiny_mmdit, tiny_models, variant, key, message):
@@ -491,3 +493,118 @@ def test_the_shipped_experiment_compares_four_variants_on_the_shipped_mmdit():
     assert params["rtn-w4a8"]["calibration"] == params["gptq-w4a8"]["calibration"]
     training = json.loads((SHIPPED_DIR / "digits-mmdit" / "training.json").read_text())
     assert training["train_config"]["seed"] == 0
+
+
+def mmdit_block_inputs(layers: int):
+    """A random SD3Transformer2DModel with `layers` blocks and its first block's inputs over
+    3 calls (as the calibration pass records them)."""
+    from diffusers import SD3Transformer2DModel
+
+    from engine.quant.calibration_hessians import BlockInputs
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8).eval()
+    inputs, handle = BlockInputs.record(model.transformer_blocks[0])
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.randn(2, 8), torch.rand(2) * 1000)
+    handle.remove()
+    return model, inputs
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_gptq_holds_one_block_at_a_time_whatever_the_depth(monkeypatch, act_bits):
+    """Structural memory bound: GPTQ collectors (each holding a Hessian) of one block only are
+    alive at any time, as many at most for 2 as for 8 blocks; one quantized block copy at a
+    time; nothing but codes is returned, and the model's weights are only read."""
+    from types import SimpleNamespace
+    import copy
+    import weakref
+
+    from engine.quant import gptq_blocks
+    from engine.quant.act_quant import act_quant_of
+    from engine.quant.gptq_blocks import LayerQuant, gptq_block_by_block
+    from engine.quant.gptq_method import act_installer, targets_of
+    from engine.quant.rtn import QuantizedTensor
+
+    log = HessianLog(monkeypatch)
+    copies, copies_alive = weakref.WeakSet(), []
+
+    def tracked_deepcopy(block):
+        duplicate = copy.deepcopy(block)
+        copies.add(duplicate)
+        copies_alive.append(len(copies))
+        return duplicate
+
+    monkeypatch.setattr(gptq_blocks, "copy", SimpleNamespace(deepcopy=tracked_deepcopy))
+    params = validate_method("gptq", {"bits": 4, "act_bits": act_bits})
+    peak = {}
+    for depth in (2, 8):
+        model, inputs = mmdit_block_inputs(depth)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        targets = targets_of(model, "gptq", params)
+        absmax = {t.name: 4.0 for t in targets}
+        log.max_alive, log.alive_per_block = 0, {}
+        quants = gptq_block_by_block(model.transformer_blocks, targets, inputs.calls, params,
+                                     act_installer(act_bits, "static", absmax))
+        peak[depth] = log.max_alive
+        assert all(blocks == {int(name.split(".")[1])} for name, blocks in log.alive_per_block.items())
+        assert len(log.alive_per_block) == len(targets) and len(log.alive) == 0 and len(copies) == 0
+        assert max(copies_alive) == 1
+        assert set(quants) == {t.name for t in targets}
+        assert all(type(q) is LayerQuant and type(q.packed) is QuantizedTensor for q in quants.values())
+        after = model.state_dict()
+        assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+        assert not any(act_quant_of(m) for m in model.modules())
+    assert peak[2] == peak[8] == 14  # the Linear layers of one (not last) block
+
+
+def test_calibrated_rtn_on_a_unet_pipeline(tiny_sd, tmp_path):
+    """Calibrated RTN with scope "all" (every conv and Linear) on a Stable Diffusion UNet:
+    no transformer blocks, errors measured layer by layer during the held-out pass."""
+    from engine.quant.act_quant import act_quant_of
+    from engine.quant.calibration_hessians import calibration_set, load_calibration, run_sampler
+    from engine.quant.gptq_method import activation_quantizer, quantize_calibrated
+    from engine.quant.rtn import dequantize
+    from tests.tiny_pipelines import PROMPTS
+
+    model = load(tiny_sd)
+    sampling = {**SAMPLING, "prompts": PROMPTS}
+    cal = {"samples": 2, "held_out": 2, "steps": 2, "seed": 1}
+    params = validate_method("rtn", {"bits": 4, "act_bits": 8, "calibration": cal})
+    result = quantize_calibrated(model, "rtn", params, sampling, tmp_path)
+    modules = dict(model.denoiser.named_modules())
+    table = {l["name"]: l for l in result.layers}
+    convs = [n for n in result.packed if isinstance(modules[n], nn.Conv2d)]
+    linears = [n for n in result.packed if isinstance(modules[n], nn.Linear)]
+    assert convs and linears and all(table[n]["out_err"] is None for n in convs)
+    assert all(0 < table[n]["out_err"] < 1 for n in linears)
+    assert all(torch.equal(modules[n].weight, dequantize(q).to(modules[n].weight.dtype)) for n, q in result.packed.items())
+    assert all(act_quant_of(modules[n]) for n in linears) and not any(act_quant_of(modules[n]) for n in convs)
+    meta, tensors = load_calibration(result.calibration_path)  # the config and absmax only
+    assert set(tensors) == {f"absmax.{n}" for n in linears} and meta["method"] == "rtn"
+    # against the former moment formula on the full-precision model's held-out inputs
+    fp = load(tiny_sd)
+    fp_modules = dict(fp.denoiser.named_modules())
+    some = linears[:4]
+    moments = HeldOutMoments({n: fp_modules[n] for n in some},
+                             {n: activation_quantizer(8, "static", tensors[f"absmax.{n}"].item()) for n in some})
+    split = calibration_set(fp, cal, PROMPTS)
+    run_sampler(fp, split.held_out_prompts, split.held_out_noise, cal, sampling)
+    moments.remove()
+    for n in some:
+        reference = moment_output_error(moments.sums[n], fp_modules[n].weight.detach(), dequantize(result.packed[n]))
+        assert table[n]["out_err"] == pytest.approx(reference, rel=1e-4)
+
+
+def test_keep_calibration_false_writes_no_file(tiny_mmdit, tmp_path):
+    from engine.quant.gptq_method import quantize_calibrated
+
+    params = validate_method("gptq", {"bits": 4, "keep_calibration": False, "calibration": CAL})
+    assert params["keep_calibration"] is False
+    assert "keep_calibration" not in validate_method("gptq", {"bits": 4, "keep_calibration": True})
+    result = quantize_calibrated(load(tiny_mmdit), "gptq", params, SAMPLING, tmp_path)
+    assert result.calibration_path is None and result.metrics["calibration_bytes"] == 0
+    assert list(tmp_path.iterdir()) == [] and len(result.packed) == 25
