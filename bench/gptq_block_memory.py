@@ -85,7 +85,8 @@ def main() -> None:
             path = build(Path(tmp) / f"mmdit-{depth}", depth)
             env_path = f"{Path(args.code).resolve()}:{repo}"
             out = subprocess.run([sys.executable, "-c", CHILD, str(path), args.method, json.dumps(keys)],
-                                 capture_output=True, text=True, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+                                 capture_output=True, text=True, cwd=Path(args.code).resolve(),
+                                 env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
             if out.returncode != 0:
                 print(f"depth {depth}: failed: {out.stderr.strip().splitlines()[-1]}")
                 continue
