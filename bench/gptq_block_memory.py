@@ -6,8 +6,9 @@ an MMDiT of SD 3.5 Medium's block width, to show that it grows with one block, n
 For each depth it builds (offline, random weights, in a temporary folder) a StableDiffusion3Pipeline
 with tiny text encoders and VAE and an SD3Transformer2DModel of width 1536 (24 heads of 64, as
 SD 3.5 Medium; latents 8x8, so 16 image tokens), then quantizes it in a fresh subprocess and
-prints that process's RSS after loading and its peak RSS (`resource.getrusage`, ru_maxrss):
-the difference is what the quantization itself held at its peak. Memory only, no timing.
+prints that process's RSS once the model is loaded (/proc/self/statm) and its peak RSS
+(`resource.getrusage`, ru_maxrss, which may be loading's own peak): the difference bounds
+what the quantization held above the loaded model. Memory only, no timing.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from tests.tiny_pipelines import PROMPTS
 
 path, method, keys = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 model = load_text_to_image(path, torch.device("cpu"))
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
-loaded = rss()
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak, MiB (Linux: KiB)
+import os
+loaded = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20  # now
 params = validate_method(method, keys)
 sampling = {"guidance": 2.0, "batch_size": 2, "prompts": PROMPTS}
 with tempfile.TemporaryDirectory() as folder:
