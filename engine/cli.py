@@ -307,7 +307,7 @@ def cmd_verify(args) -> int:
     """Each chosen run's files against what the database recorded (engine/verify.py)."""
     from engine.db_check import integrity_problems
     from engine.store import db_path
-    from engine.verify import verify_run
+    from engine.verify import requantize_note, verify_run
 
     store = open_store(args, create=False, write=False)
     by_id = {r["id"]: r for r in store.runs(experiment=args.experiment)}
@@ -328,7 +328,8 @@ def cmd_verify(args) -> int:
         for problem in problems:
             print(f"run {run['id']}: {problem}", flush=True)
         if not problems:
-            print(f"run {run['id']} ok", flush=True)
+            note = requantize_note(run) if args.requantize else None
+            print(f"run {run['id']} ok" + (f" ({note})" if note else ""), flush=True)
         bad += bool(problems)
     if not runs:
         print("no runs to verify")

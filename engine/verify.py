@@ -9,7 +9,10 @@ For each run, every artifact the database lists:
 A done run's packed checkpoint is loaded into the run's model as the pipeline builds it (the
 adapter of `engine.models.loader`, the method's `prepare_load` for its activation quantizers)
 with `load_state_dict(strict=True)`. With `requantize`, a GPTQ run with a calibration file is
-quantized again from that file alone and its codes must equal the checkpoint's bit for bit.
+quantized again from that file alone (block-by-block GPTQ from its first block's calibration
+inputs, on the freshly loaded full-precision denoiser) and its codes must equal the
+checkpoint's bit for bit; a run with `keep_calibration = false` has no file to re-run, which
+`requantize_note` says.
 
 `verify_run` returns the problems as lines "FILE: what is wrong" (FILE relative to the run
 folder where it lies inside it); no problem means the run is ok.
@@ -47,6 +50,14 @@ def verify_run(store: Store, run: dict, requantize: bool = False) -> list[str]:
     if requantize and not problems and "calibration" in files and checkpoint is not None:
         problems += check_requantized(run, checkpoint, files["calibration"])
     return problems
+
+
+def requantize_note(run: dict) -> str | None:
+    """Why `--requantize` re-ran nothing for a run that is fine otherwise, or None."""
+    config = json.loads(run["config"])
+    if config.get("method") == "gptq" and config.get("params", {}).get("keep_calibration") is False:
+        return "kept no calibration (keep_calibration = false): not requantized"
+    return None
 
 
 def _shown(path: Path, folder: Path, runs_dir: Path) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.errors import DamagedDatabase, DamagedFile
+from engine.methods import validate_method
 from engine.store import Store
 from tests.conftest import REPO, engine
 
@@ -174,14 +175,27 @@ def test_damaged_calibration_file(tmp_path, kind):
         load_calibration(path)
 
 
-def test_calibration_without_its_hessians_is_named(tmp_path):
+def test_calibration_without_its_block_inputs_is_named(tmp_path, tiny_mmdit):
+    from engine.models.loader import load_text_to_image
     from engine.quant.calibration_hessians import save_calibration
-    from engine.quant.gptq_method import requantize
+    from engine.quant.gptq_method import requantize, targets_of
 
+    denoiser = load_text_to_image(tiny_mmdit, torch.device("cpu")).denoiser
+    params = validate_method("gptq", {"bits": 4})
+    names = [t.name for t in targets_of(denoiser, "gptq", params)]
     path = tmp_path / "calibration.safetensors"
-    save_calibration(path, {"method": "gptq", "params": {"bits": 4}, "nsamples": {"0": 10}}, {"absmax.0": torch.tensor(1.0)})
-    with pytest.raises(DamagedFile, match=r"calibration.safetensors: missing tensor hessian.0$"):
-        requantize(nn.Sequential(nn.Linear(4, 4)), path)
+    layout = [{"args": [], "kwargs": {"hidden_states": {"tensor": "block_input.0.hidden_states"},
+                                      "joint_attention_kwargs": {"value": None}}}]
+    save_calibration(path, {"method": "gptq", "params": params, "layers": names, "block_inputs": layout},
+                     {"absmax.x": torch.tensor(1.0)})
+    with pytest.raises(DamagedFile, match=r"calibration.safetensors: missing tensor block_input.0.hidden_states$"):
+        requantize(denoiser, path)
+    save_calibration(path, {"method": "gptq", "params": params, "layers": names[1:], "block_inputs": layout}, {})
+    with pytest.raises(DamagedFile, match=f"its {len(names) - 1} layers are not the model's {len(names)} GPTQ targets"):
+        requantize(denoiser, path)
+    save_calibration(path, {"method": "gptq", "params": {"bits": 4}, "layers": names}, {})
+    with pytest.raises(DamagedFile, match="no GPTQ params and layer list"):
+        requantize(denoiser, path)
 
 
 def test_a_safetensors_file_that_is_not_calibration(tmp_path):
@@ -471,12 +485,13 @@ def test_verify_requantize_reproduces_a_gptq_runs_codes(tmp_path, tiny_mmdit, ti
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == f"run {run['id']} ok"
 
-    # another calibration, recorded as if the run had written it: GPTQ no longer gives its codes
+    # other calibration inputs, recorded as if the run had written them: GPTQ no longer gives its codes
     path = runs / run["folder"] / "calibration.safetensors"
     tensors = load_file(str(path))
-    for key in [k for k in tensors if k.startswith("hessian.")]:
-        n = tensors[key].shape[0]
-        tensors[key] = torch.diag(torch.linspace(1.0, 50.0, n)) * tensors[key].diagonal().mean()
+    assert any(k.startswith("block_input.") for k in tensors) and not any(k.startswith("hessian.") for k in tensors)
+    generator = torch.Generator().manual_seed(0)
+    for key in [k for k in tensors if k.endswith(".hidden_states")]:
+        tensors[key] = torch.randn(tensors[key].shape, generator=generator) * tensors[key].std()
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -491,6 +506,27 @@ def test_verify_requantize_reproduces_a_gptq_runs_codes(tmp_path, tiny_mmdit, ti
     assert result.returncode == 2
     assert result.stdout.strip().startswith(
         f"run {run['id']}: weights.safetensors: requantized codes differ from the checkpoint's in ")
+
+
+def test_verify_requantize_says_a_run_kept_no_calibration(tmp_path, tiny_mmdit, tiny_models):  # noqa: F811
+    toml = tmp_path / "experiments.toml"
+    toml.write_text(GPTQ_TOML.format(model=tiny_mmdit, classifier=tiny_models["classifier"]).replace(
+        'method = "gptq"', 'method = "gptq"\nkeep_calibration = false'))
+    runs = tmp_path / "runs"
+    result = engine("run", "tiny-gptq", "--variant", "gptq-w2a8", "--experiments", str(toml), "--runs-dir", str(runs),
+                    "--samples", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    store = Store.open(runs)
+    run = store.runs()[0]
+    assert json.loads(run["config"])["params"]["keep_calibration"] is False
+    assert {a["kind"] for a in store.artifacts(run["id"])} >= {"checkpoint"}
+    assert "calibration" not in {a["kind"] for a in store.artifacts(run["id"])}
+    assert not (runs / run["folder"] / "calibration.safetensors").exists()
+    assert store.metrics(run["id"])["calibration_bytes"] == 0
+    result = verify(runs, "--requantize")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == (f"run {run['id']} ok (kept no calibration (keep_calibration = false): "
+                                     "not requantized)")
 
 
 def test_verify_loads_qat_dgq_minmax_and_ptq_checkpoints(tmp_path, tiny_models):

@@ -37,7 +37,8 @@ def prepare_calibrated(method: str):
 
 def quantize_calibrated(ctx: QuantContext) -> QuantResult:
     """Calibrate with the full-precision model, then quantize block by block
-    (engine.quant.gptq_method); the calibration statistics are a run artifact."""
+    (engine.quant.gptq_method); the calibration file is a run artifact unless
+    `keep_calibration = false`."""
     from dataclasses import asdict
 
     from engine.prompts import sampling_prompts
@@ -45,5 +46,5 @@ def quantize_calibrated(ctx: QuantContext) -> QuantResult:
 
     sampling = {**asdict(ctx.run.sampling), "prompts": sampling_prompts(ctx.run.sampling)}
     result = run(ctx.model, ctx.run.method, ctx.params, sampling, ctx.folder, ctx.progress)
-    return QuantResult(layers=result.layers, packed=result.packed, metrics=result.metrics,
-                       artifacts={"calibration": result.calibration_path})
+    kept = {"calibration": result.calibration_path} if result.calibration_path is not None else {}
+    return QuantResult(layers=result.layers, packed=result.packed, metrics=result.metrics, artifacts=kept)

@@ -7,7 +7,8 @@ from engine.methods.base import BadKey, MethodSpec
 from engine.methods.blocks import check_blocks, prepare_calibrated, quantize_calibrated
 from engine.methods.keys import activations, bits_key, flag, number, positive_int
 
-KEYS = {"bits", "symmetric", "group_size", "damp", "act_order", "block_size", "act_bits", "act_mode", "calibration"}
+KEYS = {"bits", "symmetric", "group_size", "damp", "act_order", "block_size", "act_bits", "act_mode", "calibration",
+        "keep_calibration"}
 
 
 def validate(keys: dict) -> dict:

@@ -73,13 +73,19 @@ def calibration(value) -> dict:
 
 
 def activations(keys: dict) -> dict:
-    """act_bits 8 (quantized activations) or 16 (none), act_mode static or dynamic, calibration."""
+    """act_bits 8 (quantized activations) or 16 (none), act_mode static or dynamic, calibration,
+    and `keep_calibration = false` (write no calibration file: smaller run folders, but
+    `engine verify --requantize` has nothing to re-run). It appears in the normalized params
+    only when false, so that the configs (and hashes) of runs that keep it stay what they were."""
     act_bits = keys.get("act_bits", 16)
     if isinstance(act_bits, bool) or act_bits not in ACT_BITS:
         raise BadKey("act_bits", f"must be 8 (int8 activations) or 16 (not quantized), got {act_bits!r}")
     act_mode = keys.get("act_mode", "static")
     if act_mode not in ACT_MODES:
         raise BadKey("act_mode", f"must be one of {', '.join(ACT_MODES)}, got {act_mode!r}")
-    return {"act_bits": act_bits, "act_mode": act_mode, "calibration": calibration(keys.get("calibration", {}))}
+    out = {"act_bits": act_bits, "act_mode": act_mode, "calibration": calibration(keys.get("calibration", {}))}
+    if not flag(keys.get("keep_calibration", True), "keep_calibration"):
+        out["keep_calibration"] = False
+    return out
 
 

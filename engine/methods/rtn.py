@@ -10,7 +10,7 @@ from engine.methods.base import BadKey, MethodSpec, QuantContext, QuantResult
 from engine.methods.blocks import check_blocks, prepare_calibrated, quantize_calibrated
 from engine.methods.keys import ROLES, SCOPES, activations, role_bits
 
-KEYS = {"bits", "symmetric", "scope", "act_bits", "act_mode", "calibration"}
+KEYS = {"bits", "symmetric", "scope", "act_bits", "act_mode", "calibration", "keep_calibration"}
 CALIBRATED_KEYS = {"scope", "act_bits", "act_mode", "calibration"}
 
 
@@ -32,6 +32,9 @@ def validate(keys: dict) -> dict:
             raise BadKey("scope", f"must be one of {', '.join(SCOPES)}, got {scope!r}")
         out["scope"] = scope
         out.update(activations(keys))
+    elif "keep_calibration" in keys:
+        raise BadKey("keep_calibration", "applies to calibrated RTN only (with scope, act_bits, act_mode "
+                                         "or calibration): plain RTN writes no calibration file")
     return out
 
 

@@ -24,19 +24,31 @@ The noise of the two sets is disjoint too (samples `:samples` and `samples:` of 
 is not the evaluation's: it comes from the calibration stream of per-sample generators
 (`engine.sampling.CALIBRATION`), so the two differ even for equal seeds.
 
-What is collected, per quantized Linear (forward hooks, nothing but running sums is kept):
-- `absmax`: the largest |input| seen, for static activation scales;
-- the GPTQ Hessian 2/n sum x x^T (`GPTQ.add_batch`); for a transformer denoiser the inputs of
-  the first block are cached instead (`BlockInputs`) so that each later block's Hessians come
-  from the already-quantized blocks before it (see `engine.quant.gptq_method`);
-- `held-out moments`: the float64 sum of z z^T over held-out tokens, z = [x, q(x) - x] with
-  q the layer's activation quantizer (z = x without one). From it the relative output error
-  of any quantized weight W_q is exact: ||q(X) W_q^T - X W^T||^2 = tr(M G M^T) with
-  M = [W_q - W, W_q] (see `output_error`).
+What is collected (hooks on the full-precision model, nothing per token kept for any layer):
+- `absmax` (`AbsMax`): per quantized Linear, the largest |input| seen on the calibration
+  prompts, for static activation scales;
+- `BlockInputs` (GPTQ): the inputs of the FIRST transformer block, every call of the
+  calibration pass. Block-by-block GPTQ (`engine.quant.gptq_blocks`) gets each later block's
+  inputs by running the quantized blocks before it, and computes one block's Hessians at a time
+  from them; the Hessians are never stored.
+The per-layer output errors on the held-out prompts are computed directly during the held-out
+pass (`engine.quant.held_out_error`), not from stored statistics.
 
-Everything the quantization needs is saved in one safetensors file under the run folder,
-with the calibration and method config in its metadata (`save_calibration`), so GPTQ can be
-re-run from it without sampling again (`engine.quant.gptq_method.requantize`).
+Size of the block inputs: one float per token and width for every denoiser call, in the model's
+dtype, with the calls = ceil(samples / batch_size) x steps, each of 2 x batch rows with
+classifier-free guidance:
+    bytes = samples x 2 x steps x (image tokens + text tokens) x width x dtype bytes
+(plus the timestep embedding, one row of `width` per row). SD 3.5 Medium (width 1536, 333 text
+tokens without T5: 77 CLIP + 256 zero T5 positions) in bfloat16: at 256x256 (256 image tokens)
+4 samples x 2 steps cost 4 x 2 x 2 x 589 x 1536 x 2 = 29 MB; 32 samples x 20 steps 2.3 GB; at
+1024x1024 (4096 image tokens) 32 x 20 steps 17.4 GB. They live on the denoiser's device and are
+replaced call by call as GPTQ advances a block (one set at a time, never two). Choose `samples`
+and `steps` of the calibration with this in mind.
+
+The calibration file (`calibration.safetensors`, `save_calibration`) holds what re-running the
+quantization needs (`engine.quant.gptq_method.requantize`): the config, the activations' absmax
+and, for GPTQ, the first block's calibration inputs (so its size is that of the block inputs
+above, not a function of the model's depth). `keep_calibration = false` skips it.
 """
 
 from __future__ import annotations
@@ -56,7 +68,6 @@ from engine.atomic_files import atomic_path
 from engine.models.loader import TextToImageModel
 from engine.sampling import CALIBRATION, initial_noise, sample_images
 
-Quantizer = Callable[[torch.Tensor], torch.Tensor]
 CALIBRATION_FILE = "calibration.safetensors"
 META_KEY = "qtui_calibration"
 
@@ -110,9 +121,16 @@ class AbsMax:
             h.remove()
 
 
+BLOCK_INPUT = "block_input"  # tensor name prefix in the calibration file
+
+
 @dataclass
 class BlockInputs:
-    """The positional and keyword inputs of one module, for every call during calibration."""
+    """The positional and keyword inputs of one module, for every call during calibration.
+
+    In the calibration file the tensors are `block_input.{call}.{i}` (positional) and
+    `block_input.{call}.{keyword}`; `layout()` describes every call (its tensors by name, its
+    other values, such as `joint_attention_kwargs = None`, as JSON) for the file's metadata."""
 
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
 
@@ -127,50 +145,70 @@ class BlockInputs:
 
         return rec, block.register_forward_pre_hook(hook, with_kwargs=True)
 
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for a, kw in self.calls for v in (*a, *kw.values())
+                   if isinstance(v, torch.Tensor))
 
-class HeldOutMoments:
-    """Forward pre-hooks summing z z^T (float64) with z = [x, q(x) - x] per named layer."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (args, kwargs) in enumerate(self.calls):
+            for key, value in (*enumerate(args), *kwargs.items()):
+                if isinstance(value, torch.Tensor):
+                    out[f"{BLOCK_INPUT}.{i}.{key}"] = value
+        return out
 
-    def __init__(self, layers: dict[str, nn.Module], quantizers: dict[str, Quantizer]):
-        self.quantizers = quantizers
-        self.sums: dict[str, torch.Tensor] = {}
-        self.tokens = {name: 0 for name in layers}
-        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
+    def layout(self) -> list[dict]:
+        """Per call: {"args": [...], "kwargs": {...}}, each value {"tensor": name} or {"value": v}."""
+        def entry(i, key, value):
+            if isinstance(value, torch.Tensor):
+                return {"tensor": f"{BLOCK_INPUT}.{i}.{key}"}
+            try:
+                json.dumps(value)
+            except TypeError:
+                raise ValueError(f"block input {key!r} of type {type(value).__name__} cannot be saved "
+                                 "in the calibration file; set keep_calibration = false") from None
+            return {"value": value}
 
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = _input_of(args).float().reshape(-1, module.in_features)
-            q = self.quantizers.get(name)
-            z = torch.cat([x, q(x) - x], dim=1) if q is not None else x
-            g = (z.T @ z).double()
-            self.sums[name] = self.sums[name] + g if name in self.sums else g
-            self.tokens[name] += x.shape[0]
-        return hook
+        return [{"args": [entry(i, j, a) for j, a in enumerate(args)],
+                 "kwargs": {k: entry(i, k, v) for k, v in kwargs.items()}} for i, (args, kwargs) in enumerate(self.calls)]
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+    @classmethod
+    def from_file(cls, layout: object, tensors: dict[str, torch.Tensor], path: Path,
+                  device: torch.device) -> "BlockInputs":
+        """The inputs saved by `layout()` and `tensors()`; DamagedFile if they do not match."""
+        from engine.errors import DamagedFile
+
+        def value(spec):
+            if isinstance(spec, dict) and set(spec) == {"tensor"}:
+                if spec["tensor"] not in tensors:
+                    raise DamagedFile(path, f"missing tensor {spec['tensor']}")
+                return tensors[spec["tensor"]].to(device)
+            if isinstance(spec, dict) and set(spec) == {"value"}:
+                return spec["value"]
+            raise DamagedFile(path, f"bad block input entry {spec!r} in its metadata")
+
+        if not isinstance(layout, list) or not layout:
+            raise DamagedFile(path, "its metadata lists no block inputs")
+        rec = cls()
+        for call in layout:
+            if not isinstance(call, dict) or not isinstance(call.get("args"), list) or not isinstance(call.get("kwargs"), dict):
+                raise DamagedFile(path, f"bad block input call {call!r} in its metadata")
+            rec.calls.append((tuple(value(a) for a in call["args"]), {k: value(v) for k, v in call["kwargs"].items()}))
+        return rec
 
 
-def output_error(moments: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor) -> float:
-    """Relative output error ||q(X) W_q^T - X W^T|| / ||X W^T|| from held-out moments (see the
-    module docstring); the moments are [in, in] without activation quantization, else [2in, 2in]."""
-    w, w_q = w.double(), w_q.double()
-    cols = w.shape[1]
-    m = torch.cat([w_q - w, w_q], dim=1) if moments.shape[0] == 2 * cols else w_q - w
-    err = (m @ moments * m).sum().item()
-    ref = (w @ moments[:cols, :cols] * w).sum().item()
-    if ref <= 0:
-        return 0.0
-    return max(err, 0.0) ** 0.5 / ref**0.5
+def write_calibration(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> int:
+    """Write the calibration file at `path` (the caller makes it atomic); returns its size."""
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(plain, str(path), metadata={META_KEY: json.dumps(config, sort_keys=True)})
+    return os.path.getsize(path)
 
 
 def save_calibration(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> int:
-    """Write the calibration statistics atomically (temporary file, then rename)."""
+    """Write the calibration file atomically (temporary file, then rename); returns its size."""
     path = Path(path)
-    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(plain, str(tmp), metadata={META_KEY: json.dumps(config, sort_keys=True)})
+        write_calibration(tmp, config, tensors)
     return os.path.getsize(path)
 
 

@@ -140,15 +140,20 @@ class GPTQ:
         self.nsamples = total
 
     def _inverse_factor(self, H: torch.Tensor, damp: float) -> torch.Tensor:
-        """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, computed in float64."""
+        """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, computed in float64
+        (each float64 matrix is dropped once the next is made: two alive at a time)."""
         H = H.double()
         H.diagonal().add_(damp * H.diagonal().mean())
         hint = f"; try a larger damp than {damp}"
         L, info = torch.linalg.cholesky_ex(H)
+        del H
         if info.item() != 0:
             raise ValueError(f"GPTQ: the Hessian of {self.name} is not positive definite even "
                              f"after dampening{hint}")
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        inverse = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         if info.item() != 0:
             raise ValueError(f"GPTQ: the inverse Hessian of {self.name} is numerically not "
                              f"positive definite{hint}")
@@ -183,6 +188,7 @@ class GPTQ:
             order = torch.argsort(H.diagonal(), descending=True, stable=True)
             H = H[order][:, order]
         U = self._inverse_factor(H, damp)
+        del H  # only U is needed from here
 
         # Work on the transpose: column j of W is row j of Wt, contiguous. Per-column grid
         # parameters follow each column to its place in the processing order.

@@ -7,52 +7,59 @@ embedders and the final modulation and projection stay full precision (`FP_REASO
 hold few parameters, and they are the model's input and output interfaces, where errors are
 not averaged over any later layer. Plain `rtn` with `scope = "all"` quantizes every layer by role.
 
-Steps of `quantize_calibrated`:
+Steps of `quantize_calibrated`; the denoiser keeps its full-precision weights until the last:
 1. calibration (`calibration_s`): sample the calibration prompts with the full-precision model,
-   recording each target layer's input absmax (static activation scales) and the inputs of the
-   first transformer block; sample the held-out prompts, recording each layer's held-out
-   moments (for `out_err`).
-2. quantization (`quantize_s`). GPTQ goes block by block: block k's Hessians come from running
-   block k on its cached inputs, which are the outputs of blocks 0..k-1 after those were
-   quantized (weights and activations); then block k's layers are quantized by GPTQ, its
-   activation quantizers are installed, and block k is run again to produce block k+1's inputs.
-   Caching the block inputs costs memory (calls x tokens x width floats, tens of MB here) but
-   runs every block only twice; re-running the model up to block k for each k would cost L^2/2
-   block evaluations instead.
-   RTN rounds each weight to the same grid without error compensation.
-3. out_err: each layer's relative output error on the held-out inputs, with its activation
-   quantization, for the method's weights and (GPTQ runs) for RTN's, side by side.
-The calibration statistics (Hessians, absmax, held-out moments) are saved with their config in
-`calibration.safetensors`; `requantize` re-runs GPTQ from that file alone.
+   recording each target Linear's input absmax (static activation scales) and, for GPTQ, the
+   inputs of the first transformer block (`BlockInputs`; their size is in
+   `engine.quant.calibration_hessians`). The calibration file is written now (a temporary
+   name, renamed once everything succeeded): the config, the absmax values and, for GPTQ, those
+   block inputs; `keep_calibration = false` skips it.
+2. quantization (`quantize_s`), into codes only. GPTQ goes block by block
+   (`engine.quant.gptq_blocks`): block k's Hessians from block k run on its inputs, which are
+   the outputs of the quantized blocks 0..k-1; one block's Hessians and one quantized copy of
+   one block are alive at a time. RTN rounds each weight to its grid (per output channel), layer
+   by layer, without calibration data.
+3. out_err (part of `calibration_s`): the held-out prompts are sampled with the still
+   full-precision model; hooks compute each layer's relative output error with its activation
+   quantization directly, for the method's weights and (GPTQ runs) RTN's
+   (`engine.quant.held_out_error`): every layer sees the full-precision model's inputs.
+4. installation: each target gets its quantized weight (dequantized from its codes), its bias
+   rounded to float16 and its activation quantizer.
+Held at the end: the codes (`QuantizedTensor` per layer, what the packed checkpoint stores) and
+the layer table; no float copy of any layer's weight, no Hessian, no clone of the model.
 
-On any error the model's weights are restored and nothing is written.
+On any error before step 4 the model is untouched (its weights were only read) and nothing is
+written; step 4 only copies tensors, after every check that could fail has passed (biases in
+the float16 range and no activation quantizer already there are checked before step 1).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from engine.atomic_files import atomic_path
 from engine.models.loader import TextToImageModel
-from engine.quant.act_quant import add_act_quant, fake_quant_dynamic, fake_quant_static, remove_act_quant, static_scale
+from engine.quant.act_quant import act_quant_of, add_act_quant, fake_quant_dynamic, fake_quant_static, static_scale
 from engine.quant.calibration_hessians import (
     CALIBRATION_FILE,
     AbsMax,
     BlockInputs,
-    HeldOutMoments,
     calibration_set,
     load_calibration,
-    output_error,
     run_sampler,
-    save_calibration,
+    write_calibration,
 )
-from engine.quant.gptq import GPTQ, GPTQResult, rtn_grouped
+from engine.quant.gptq import rtn_grouped
+from engine.quant.gptq_blocks import GPTQ_KEYS, LayerQuant, fp16_bias, gptq_block_by_block, set_quantized
+from engine.quant.held_out_error import HeldOutErrors
 from engine.quant.roles import quantizable_layers
 from engine.quant.rtn import QuantizedTensor, dequantize, quantize_tensor, relative_error
 
@@ -132,107 +139,56 @@ class CalibratedQuant:
     layers: list[dict]
     packed: dict[str, QuantizedTensor]
     metrics: dict[str, float]
-    calibration_path: Path
-    results: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> quantized weight
+    calibration_path: Path | None  # None: keep_calibration = false
 
 
-def _fp16_round(name: str, bias: torch.Tensor) -> torch.Tensor:
-    b16 = bias.detach().to(torch.float16)
-    if not torch.isfinite(b16).all():
-        raise ValueError(f"{name}: bias values exceed the float16 range")
-    return b16.to(bias.dtype)
-
-
-def _set_weight(t: Target, weight: torch.Tensor) -> None:
-    with torch.no_grad():
-        t.module.weight.copy_(weight.to(t.module.weight.dtype))
+def check_installable(targets: list[Target]) -> None:
+    """What could make step 4 fail, checked before anything is computed."""
+    for t in targets:
         if t.module.bias is not None:
-            t.module.bias.copy_(_fp16_round(t.name, t.module.bias))
+            fp16_bias(t.name, t.module.bias)
+        if act_quant_of(t.module):
+            raise ValueError(f"{t.name} already quantizes its activations (a quantized model?)")
 
 
-def _next_inputs(args: tuple, kwargs: dict, output) -> tuple[tuple, dict]:
-    """A joint-attention block returns (encoder_hidden_states, hidden_states): the next
-    block's inputs, with the same temb."""
-    if args or not isinstance(output, tuple) or len(output) != 2:
-        raise ValueError("block-by-block GPTQ expects blocks called with keywords that return "
-                         "(encoder_hidden_states, hidden_states), as diffusers' MMDiT blocks do")
-    encoder, hidden = output
-    return args, {**kwargs, "hidden_states": hidden, "encoder_hidden_states": encoder}
+def install(targets: list[Target], quants: dict[str, LayerQuant], act_bits: int, act_mode: str,
+            absmax: dict[str, float]) -> None:
+    """Step 4: quantized weights, float16 biases and activation quantizers into the model."""
+    for t in targets:
+        set_quantized(t.name, t.module, dequantize(quants[t.name].packed))
+        if act_bits != 16 and isinstance(t.module, nn.Linear):
+            add_act_quant(t.module, act_bits, act_mode, absmax[t.name])
 
 
-def _gptq_args(params: dict) -> dict:
-    return {k: params[k] for k in ("bits", "symmetric", "group_size", "act_order", "damp", "block_size")}
+def rtn_layers(targets: list[Target], symmetric: bool) -> dict[str, LayerQuant]:
+    """RTN per output channel, one layer at a time (no calibration data)."""
+    out = {}
+    for t in targets:
+        packed = quantize_tensor(t.module.weight.detach(), t.bits, symmetric)
+        out[t.name] = LayerQuant(packed, relative_error(t.module.weight, dequantize(packed)), 0)
+    return out
 
 
-@torch.no_grad()
-def gptq_block_by_block(blocks: nn.ModuleList, targets: list[Target], inputs: BlockInputs, params: dict,
-                        install_act: Callable[[Target], None], progress: Progress | None = None
-                        ) -> tuple[dict[str, GPTQResult], dict[str, GPTQ]]:
-    """Quantize every target, block after block, each from the quantized blocks before it."""
-    results, collectors = {}, {}
-    calls = inputs.calls
-    args = _gptq_args(params)
-    for k, block in enumerate(blocks):
-        mine = [t for t in targets if t.block == k]
-        gptqs = {t.name: GPTQ(t.module, t.name) for t in mine}
-        hooks = [t.module.register_forward_pre_hook(lambda m, a, g=gptqs[t.name]: g.add_batch(a[0])) for t in mine]
-        try:
-            for a, kw in calls:
-                block(*a, **kw)
-        finally:
-            for h in hooks:
-                h.remove()
-        for t in mine:
-            result = gptqs[t.name].quantize(**{**args, "bits": t.bits})
-            _set_weight(t, result.weight)
-            results[t.name], collectors[t.name] = result, gptqs[t.name]
-            install_act(t)
-        if k + 1 < len(blocks):
-            calls = [_next_inputs(a, kw, block(*a, **kw)) for a, kw in calls]
-        if progress:
-            progress("quantize", k + 1, len(blocks), f"GPTQ block {k + 1}/{len(blocks)}")
-    return results, collectors
-
-
-def _stored(quant) -> QuantizedTensor:
-    """The packed-checkpoint form of a GPTQ / grouped-RTN result."""
-    if quant.n_groups == 1:
-        return quant.per_channel()
-    return QuantizedTensor(codes=quant.codes, scale=quant.scales.reshape(-1).clone(),
-                           zero=quant.zeros.reshape(-1).clone(), bits=quant.bits, symmetric=quant.symmetric,
-                           shape=tuple(quant.codes.shape), group_size=quant.group_size)
+def calibration_meta(method: str, params: dict, model: TextToImageModel, sampling: dict,
+                     targets: list[Target]) -> dict:
+    return {"method": method, "params": params, "model": str(model.path),
+            "sampling": {"guidance": sampling["guidance"], "batch_size": sampling["batch_size"]},
+            "layers": [t.name for t in targets]}
 
 
 def quantize_calibrated(model: TextToImageModel, method: str, params: dict, sampling: dict, folder: Path,
                         progress: Progress | None = None) -> CalibratedQuant:
-    """Calibrate, quantize in place (weights, fp16 biases, activation quantizers) and measure
-    per-layer errors; returns the layer table, the codes to pack and the timings."""
+    """Calibrate, quantize (weights, fp16 biases, activation quantizers: installed in place at
+    the end) and measure per-layer errors; returns the layer table, the codes to pack and the
+    timings. See the module docstring for the steps."""
     denoiser = model.denoiser
     targets = targets_of(denoiser, method, params)
     if not targets:
         raise ValueError("no layer to quantize: the bits name no role the model's blocks have")
-    group_size = params.get("group_size")
-    check_group_size(targets, group_size)
-    originals = {t.name: (t.module.weight.detach().clone(),
-                          None if t.module.bias is None else t.module.bias.detach().clone()) for t in targets}
-    try:
-        return _quantize(model, method, params, sampling, Path(folder), targets, originals, progress)
-    except BaseException:
-        with torch.no_grad():
-            for t in targets:
-                weight, bias = originals[t.name]
-                t.module.weight.copy_(weight)
-                if bias is not None:
-                    t.module.bias.copy_(bias)
-                remove_act_quant(t.module)
-        raise
-
-
-def _quantize(model, method, params, sampling, folder, targets, originals, progress) -> CalibratedQuant:
-    denoiser = model.denoiser
+    check_group_size(targets, params.get("group_size"))
+    check_installable(targets)
     cfg = params["calibration"]
     act_bits, act_mode = params.get("act_bits", 16), params.get("act_mode", "static")
-    quantize_acts = act_bits != 16
     linears = {t.name: t.module for t in targets if isinstance(t.module, nn.Linear)}
     report = (lambda stage: lambda done, total: progress(stage, done, total)) if progress else (lambda stage: None)
 
@@ -240,51 +196,84 @@ def _quantize(model, method, params, sampling, folder, targets, originals, progr
     start = time.time()
     cal = calibration_set(model, cfg, sampling.get("prompts"))
     absmax = AbsMax(linears)
-    recorder, handle = (BlockInputs.record(transformer_blocks(denoiser)[0]) if method == "gptq" else (None, None))
+    inputs, handle = (BlockInputs.record(transformer_blocks(denoiser)[0]) if method == "gptq" else (None, None))
     try:
         run_sampler(model, cal.prompts, cal.noise, cfg, sampling, report("calibrate"))
     finally:
         absmax.remove()
         if handle is not None:
             handle.remove()
-    quantizers = ({name: activation_quantizer(act_bits, act_mode, absmax.values[name]) for name in linears}
-                  if quantize_acts else {})
-    held = HeldOutMoments(linears, quantizers)
-    try:
-        run_sampler(model, cal.held_out_prompts, cal.held_out_noise, cfg, sampling, report("held-out"))
-    finally:
-        held.remove()
-    empty = [name for name, n in held.tokens.items() if n == 0]
-    if empty:
-        raise ValueError(f"empty calibration set for {empty[0]}: the layer never ran during calibration")
     calibration_s = time.time() - start
 
-    def install_act(t: Target) -> None:
-        if quantize_acts and isinstance(t.module, nn.Linear):
-            add_act_quant(t.module, act_bits, act_mode, absmax.values[t.name])
+    keep = params.get("keep_calibration", True)
+    path = Path(folder) / CALIBRATION_FILE
+    with atomic_path(path) if keep else nullcontext() as tmp:
+        calibration_bytes = 0
+        if keep:
+            meta = calibration_meta(method, params, model, sampling, targets)
+            tensors = {f"absmax.{name}": torch.tensor(value) for name, value in absmax.values.items()}
+            if inputs is not None:
+                meta["block_inputs"] = inputs.layout()
+                tensors.update(inputs.tensors())
+            calibration_bytes = write_calibration(tmp, meta, tensors)
+            del tensors
 
-    # 2. quantization
-    start = time.time()
-    tensors: dict[str, torch.Tensor] = {}
-    nsamples: dict[str, int] = {}
-    if method == "gptq":
-        results, collectors = gptq_block_by_block(transformer_blocks(denoiser), targets, recorder, params,
-                                                  install_act, progress)
-        packed = {name: _stored(r) for name, r in results.items()}
-        weights = {name: r.weight for name, r in results.items()}
-        for name, g in collectors.items():
-            tensors[f"hessian.{name}"] = g.H
-            nsamples[name] = g.nsamples
-    else:
-        packed, weights = {}, {}
-        for t in targets:  # per output channel, as plain rtn
-            packed[t.name] = quantize_tensor(t.module.weight.detach(), t.bits, params["symmetric"])
-            weights[t.name] = dequantize(packed[t.name])
-            _set_weight(t, weights[t.name])
-            install_act(t)
-    quantize_s = time.time() - start
+        # 2. quantization, into codes (the model's weights are only read)
+        start = time.time()
+        if method == "gptq":
+            quants = gptq_block_by_block(transformer_blocks(denoiser), targets, inputs.calls, params,
+                                         act_installer(act_bits, act_mode, absmax.values), progress)
+            inputs.calls.clear()
+        else:
+            quants = rtn_layers(targets, params["symmetric"])
+        quantize_s = time.time() - start
 
-    # 3. per-layer errors and the layer table
+        # 3. out_err on the held-out prompts, with the full-precision model
+        start = time.time()
+        errors = HeldOutErrors(linears, error_candidates(method, params, targets, quants),
+                               {name: activation_quantizer(act_bits, act_mode, absmax.values[name])
+                                for name in linears} if act_bits != 16 else {})
+        try:
+            run_sampler(model, cal.held_out_prompts, cal.held_out_noise, cfg, sampling, report("held-out"))
+        finally:
+            errors.remove()
+        empty = [name for name, n in errors.tokens.items() if n == 0]
+        if empty:
+            raise ValueError(f"empty calibration set for {empty[0]}: the layer never ran on the held-out prompts")
+        calibration_s += time.time() - start
+
+    # 4. installation
+    install(targets, quants, act_bits, act_mode, absmax.values)
+    layers = layer_table(denoiser, method, params, targets, quants, errors, act_bits, act_mode)
+    metrics = {"calibration_s": calibration_s, "quantize_s": quantize_s, "calibration_bytes": calibration_bytes}
+    return CalibratedQuant(layers, {name: q.packed for name, q in quants.items()}, metrics, path if keep else None)
+
+
+def act_installer(act_bits: int, act_mode: str, absmax: dict[str, float]):
+    """How a quantized block copy gets a target's activation quantizer (none at 16 bits)."""
+    def install_act(module: nn.Module, name: str) -> None:
+        if act_bits != 16 and isinstance(module, nn.Linear):
+            add_act_quant(module, act_bits, act_mode, absmax[name])
+    return install_act
+
+
+def error_candidates(method: str, params: dict, targets: list[Target], quants: dict[str, LayerQuant]) -> dict:
+    """Per Linear target, the quantized weights whose output error is measured: the method's
+    (`out_err`, from its codes) and, for GPTQ, RTN's on the same grid (`rtn_out_err`)."""
+    out = {}
+    for t in targets:
+        if not isinstance(t.module, nn.Linear):
+            continue
+        packed = quants[t.name].packed
+        out[t.name] = {"out_err": lambda w, packed=packed: dequantize(packed)}
+        if method == "gptq":
+            out[t.name]["rtn_out_err"] = lambda w, bits=t.bits: rtn_grouped(
+                w, bits, params["symmetric"], params["group_size"]).dequantize()
+    return out
+
+
+def layer_table(denoiser: nn.Module, method: str, params: dict, targets: list[Target], quants: dict[str, LayerQuant],
+                errors: HeldOutErrors, act_bits: int, act_mode: str) -> list[dict]:
     by_name = {t.name: t for t in targets}
     layers = []
     for name, module, role in quantizable_layers(denoiser):
@@ -296,60 +285,55 @@ def _quantize(model, method, params, sampling, folder, targets, originals, progr
             entry["extra"] = json.dumps({"reason": reason})
             layers.append(entry)
             continue
-        w_fp = originals[name][0].float()
         entry["bits"] = t.bits
-        entry["weight_err"] = relative_error(w_fp, weights[name])
-        extra = {"act": f"int{act_bits} {act_mode}" if quantize_acts and name in linears else "none"}
-        if name in linears:
-            moments = held.sums[name]
-            tensors[f"held_out.{name}"] = moments
-            entry["out_err"] = output_error(moments, w_fp, weights[name])
-            if method == "gptq":
-                rtn = rtn_grouped(w_fp, t.bits, params["symmetric"], params["group_size"]).dequantize()
-                extra["rtn_out_err"] = output_error(moments, w_fp, rtn)
-            if quantize_acts and act_mode == "static":
-                tensors[f"absmax.{name}"] = torch.tensor(absmax.values[name])
+        entry["weight_err"] = quants[name].weight_err
+        linear = isinstance(module, nn.Linear)
+        extra = {"act": f"int{act_bits} {act_mode}" if act_bits != 16 and linear else "none"}
+        if linear:
+            measured = errors.relative(name)
+            entry["out_err"] = measured["out_err"]
+            if "rtn_out_err" in measured:
+                extra["rtn_out_err"] = measured["rtn_out_err"]
         entry["extra"] = json.dumps(extra)
         layers.append(entry)
-
-    meta = {"method": method, "params": params, "model": str(model.path),
-            "sampling": {"guidance": sampling["guidance"], "batch_size": sampling["batch_size"]},
-            "nsamples": nsamples, "held_out_tokens": held.tokens}
-    path = folder / CALIBRATION_FILE
-    save_calibration(path, meta, tensors)
-    metrics = {"calibration_s": calibration_s, "quantize_s": quantize_s}
-    return CalibratedQuant(layers, packed, metrics, path, weights)
+    return layers
 
 
-def requantize(denoiser: nn.Module, path: Path) -> dict[str, GPTQResult]:
-    """Re-run GPTQ on a full-precision denoiser from a saved calibration file alone."""
+def requantize(denoiser: nn.Module, path: Path) -> dict[str, QuantizedTensor]:
+    """Re-run block-by-block GPTQ on a full-precision denoiser from a saved calibration file
+    alone (its first block's inputs, activation absmax and params); the denoiser is not changed."""
     from engine.errors import DamagedFile
     from engine.file_checks import require_tensors
 
     meta, tensors = load_calibration(path)
     if meta.get("method") != "gptq":
-        raise ValueError(f"{path}: calibration of method {meta.get('method')!r} holds no Hessians")
-    params, nsamples = meta.get("params"), meta.get("nsamples")
-    if not isinstance(params, dict) or "bits" not in params or not isinstance(nsamples, dict):
-        raise DamagedFile(path, "its metadata has no GPTQ params and sample counts")
+        raise ValueError(f"{path}: calibration of method {meta.get('method')!r} is not GPTQ's: nothing to re-run")
+    params, names = meta.get("params"), meta.get("layers")
+    if not isinstance(params, dict) or not set(GPTQ_KEYS) <= set(params) or not isinstance(names, list):
+        raise DamagedFile(path, "its metadata has no GPTQ params and layer list")
     modules = dict(denoiser.named_modules())
-    unknown = [name for name in nsamples if name not in modules]
+    unknown = [name for name in names if name not in modules]
     if unknown:
         raise DamagedFile(path, f"layer {unknown[0]} is not in the model (calibrated for another model?)")
-    require_tensors(path, tensors, [f"hessian.{name}" for name in nsamples])
-    out = {}
-    for name, n in nsamples.items():
-        g = GPTQ(modules[name], name)
-        hessian = tensors[f"hessian.{name}"]
-        if hessian.shape != g.H.shape:
-            raise DamagedFile(path, f"hessian.{name} has shape {list(hessian.shape)}, the layer needs {list(g.H.shape)}")
-        g.H.copy_(hessian)
-        try:
-            g.nsamples = int(n)
-            out[name] = g.quantize(**{**_gptq_args(params), "bits": params["bits"]})
-        except (KeyError, TypeError, ValueError) as exc:  # metadata of the wrong shape or type
-            raise DamagedFile(path, f"bad GPTQ metadata for {name}: {type(exc).__name__}: {exc}") from None
-    return out
+    try:
+        targets = targets_of(denoiser, "gptq", params)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamagedFile(path, f"bad GPTQ params: {type(exc).__name__}: {exc}") from None
+    if [t.name for t in targets] != names:
+        raise DamagedFile(path, f"its {len(names)} layers are not the model's {len(targets)} GPTQ targets")
+    act_bits, act_mode = params.get("act_bits", 16), params.get("act_mode", "static")
+    if act_bits != 16:
+        require_tensors(path, tensors, [f"absmax.{name}" for name in names])
+    absmax = {name: tensors[f"absmax.{name}"].item() for name in names if f"absmax.{name}" in tensors}
+    device = next(denoiser.parameters()).device
+    inputs = BlockInputs.from_file(meta.get("block_inputs"), tensors, path, device)
+    del tensors
+    try:
+        quants = gptq_block_by_block(transformer_blocks(denoiser), targets, inputs.calls, params,
+                                     act_installer(act_bits, act_mode, absmax))
+    except (KeyError, TypeError, ValueError) as exc:  # metadata or inputs of the wrong shape or type
+        raise DamagedFile(path, f"GPTQ does not run from it: {type(exc).__name__}: {exc}") from None
+    return {name: q.packed for name, q in quants.items()}
 
 
 def prepare_quantized(denoiser: nn.Module, method: str, params: dict) -> None:
