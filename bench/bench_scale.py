@@ -43,7 +43,7 @@ SHARED = {  # every method that applies to each family, with tiny calibration / 
     "rtn-w4": 'method = "rtn"\nbits = 4',
     "rtn-w8": 'method = "rtn"\nbits = 8',
     "fisher": 'method = "fisher"\nstrategy = "ratio"\nratio = 0.25\ncalibration = { samples = 2, seed = 1 }',
-    "qat-w4": 'method = "qat"\nbits = 4\nsteps = 2\nbatch_size = 1\nlr = 1e-5\nseed = 0',
+    "qat-w4": 'method = "qat"\nbits = 4\nsteps = 2\nbatch_size = 1\nlr = 1e-5\nseed = 0\ntrain_samples = 2',
     "ptq-w8a8": f'method = "ptq"\n{CAL}',
 }
 UNET_ONLY = {
@@ -238,18 +238,16 @@ def main() -> int:
     if not weights.exists():
         write_random_weights(weights)
     toml = catalogue(root, models)
-    only = {tuple(item.split(":", 1)) for item in args.only.split(",") if item}
+    only = [tuple(item.split(":", 1)) for item in args.only.split(",") if item]  # in the order given
+    plan = only or [(name, variant) for name in chosen for variant in MODELS[name][4]]
     rows = []
     print(f"{'model':9} {'variant':12} {'status':9} peak / bound       seconds/sampled peak RSS per stage", flush=True)
-    for name in chosen:
+    for name, variant in plan:
         bound = bound_gib(models, name)
-        for variant in MODELS[name][4]:
-            if only and (name, variant) not in only:
-                continue
-            row = run_variant(root, toml, name, variant, args.reuse, args.timeout)
-            row["bound"] = bound
-            rows.append(row)
-            print(show(row, bound), flush=True)
+        row = run_variant(root, toml, name, variant, args.reuse, args.timeout)
+        row["bound"] = bound
+        rows.append(row)
+        print(show(row, bound), flush=True)
     (root / "results.json").write_text(json.dumps(rows, indent=1))
     print(summary(rows))
     return 0
