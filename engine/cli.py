@@ -55,7 +55,7 @@ def cmd_list(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from engine.methods import describe_bits
+    from engine.methods import describe_variant
 
     catalogue = load(args)
     counts: dict[str, dict[str, int]] = {}
@@ -68,7 +68,7 @@ def cmd_list(args) -> int:
     for header in ("experiment", "model", "variants", "runs", "description"):
         table.add_column(header)
     for name, exp in catalogue.experiments.items():
-        variants = ", ".join(f"{v} ({describe_bits(x.method, x.params)})" for v, x in exp.variants.items())
+        variants = ", ".join(f"{v} ({describe_variant(exp, x)})" for v, x in exp.variants.items())
         runs = ", ".join(f"{n} {s}" for s, n in sorted(counts.get(name, {}).items())) or "-"
         model = exp.model if exp.needs_model is None else f"needs model {exp.needs_model}"
         table.add_row(name, model, variants, runs, exp.description)
@@ -270,7 +270,7 @@ def cmd_rerun(args) -> int:
 def cmd_show(args) -> int:
     from rich.console import Console
 
-    from engine.methods import describe_bits
+    from engine.methods import describe_variant
     from engine.runner import results_table
 
     catalogue = load(args, only=[args.name])
@@ -281,7 +281,7 @@ def cmd_show(args) -> int:
                   f"features {exp.feature_model}; "
                   f"{exp.samples} samples, {exp.steps} sampler steps, guidance {exp.guidance}, seed {exp.seed}")
     for name, v in exp.variants.items():
-        console.print(f"  {name}: {v.method} {describe_bits(v.method, v.params)}  {v.description}")
+        console.print(f"  {name}: {v.method} {describe_variant(exp, v)}  {v.description}")
     if exp.seeds:
         console.print(f"  seeds {list(exp.seeds)}: each variant once per seed")
     if (Path(args.runs_dir) / "qtui.db").exists():

@@ -114,10 +114,10 @@ def execute(store: Store, run_id: int, config: dict, reporter) -> None:
     store.add_artifact(run_id, "samples", folder / SAMPLES_FILE)
     store.add_artifact(run_id, "grid", run_grid(images_u8, folder / "grid.png"))
     metrics["dtype_bits"] = torch.finfo(model.dtype).bits  # the dtype it sampled in (labels "FP32"/"BF16")
-    metrics.update(run_peak(model.device))  # run_peak_mem_mb: every stage, this worker's own peak
     store.put_metrics(run_id, metrics)
     update_comparison(store, run.experiment, run_id)
     update_paired(store, run_id)
+    store.put_metrics(run_id, run_peak(model.device))  # run_peak_mem_mb: every stage, the last included
     reporter.progress("save", 1, 1)
 
 

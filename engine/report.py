@@ -134,11 +134,11 @@ def write_report(store: Store, experiment, out: Path) -> list[Path]:
         seeds = sorted({seed_of(r) for r in runs})
         lines += ["Protocol (P1): " + ", ".join(f"{k} {v}" for k, v in fields.items()) + f", seeds {seeds}.", ""]
     lines += ["## Variants", ""]
-    from engine.methods import describe_bits
+    from engine.methods import describe_variant
 
     for name, v in experiment.variants.items():
         mark = " (reference)" if name == experiment.reference_variant else ""
-        lines.append(f"- **{name}**{mark}: {v.method}, {describe_bits(v.method, v.params)}. {v.description}")
+        lines.append(f"- **{name}**{mark}: {v.method}, {describe_variant(experiment, v)}. {v.description}")
     lines += ["", "## Results", "", table_md,
               "FID 95% CI: the sampling spread of one run's FID (its samples resampled, the reference "
               "statistics fixed); it does not include FID's finite-sample bias. dFID and the other d columns: "

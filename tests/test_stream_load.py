@@ -48,3 +48,15 @@ def test_a_truncated_or_incomplete_denoiser_is_a_clear_error(tiny_sd3, tmp_path)
     weights.write_bytes(data[: len(data) - 100])
     with pytest.raises(DamagedFile):
         load_model(SD3Transformer2DModel, folder, None, torch.float32)
+
+
+def test_a_dtype_qtui_does_not_load_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from engine.errors import DamagedFile
+    from engine.models.stream_load import read_tensors
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(2), "b": torch.zeros(2).to(torch.float8_e4m3fn)}, str(path))
+    with pytest.raises(DamagedFile, match="tensor b has dtype F8_E4M3"):
+        list(read_tensors(path))

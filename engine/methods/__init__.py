@@ -71,6 +71,12 @@ def describe_run(config: dict, dtype_bits: float | None = None) -> str:
     return describe_bits(method, config.get("params") or {})
 
 
+def describe_variant(experiment, variant) -> str:
+    """A catalogue variant's label: `describe_run` with the experiment's dtype (FP for auto)."""
+    return describe_run({"method": variant.method, "params": variant.params,
+                         "model_options": {"dtype": experiment.options.dtype}})
+
+
 def quantize_model(ctx: QuantContext) -> QuantResult:
     return method_spec(ctx.run.method).quantize(ctx)
 
@@ -97,5 +103,5 @@ def load_quantized(denoiser, method: str, params: dict, state: dict) -> None:
 
 
 __all__ = ["BadKey", "METHODS", "ROLES", "MethodSpec", "QuantContext", "QuantResult", "check_against_model",
-           "describe_bits", "describe_run", "load_quantized", "load_quantized_file", "method_spec", "quantize_model",
+           "describe_bits", "describe_run", "describe_variant", "load_quantized", "load_quantized_file", "method_spec", "quantize_model",
            "resolve_paths", "validate_method"]

@@ -44,19 +44,21 @@ def read_tensors(path: Path):
     """(name, tensor) for every tensor of a safetensors file, one at a time, by plain reads."""
     from engine.file_checks import check_safetensors
 
+    from engine.errors import DamagedFile
+
     header = check_safetensors(path)  # DamagedFile for a truncated or garbage file
-    start = 8 + int.from_bytes(path.open("rb").read(8), "little")
     with open(path, "rb") as fh:
+        start = 8 + int.from_bytes(fh.read(8), "little")
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
+            if entry["dtype"] not in TORCH_DTYPES:
+                raise DamagedFile(path, f"tensor {name} has dtype {entry['dtype']}, which qtui does not load")
             dtype = TORCH_DTYPES[entry["dtype"]]
             begin, end = entry["data_offsets"]
             buffer = torch.empty(end - begin, dtype=torch.uint8)
             fh.seek(start + begin)
             if end > begin and fh.readinto(memoryview(buffer.numpy())) != end - begin:
-                from engine.errors import DamagedFile
-
                 raise DamagedFile(path, f"truncated inside tensor {name}")
             shape = entry["shape"]
             yield name, (buffer.view(dtype).reshape(shape) if math.prod(shape) else torch.empty(shape, dtype=dtype))

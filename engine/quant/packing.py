@@ -451,7 +451,7 @@ def _iter_packed(path, header: dict):
         for name in _parse_half(info):
             if header.get(f"{name}.weight", {}).get("dtype") != "F16":
                 raise ValueError(f"{name} is listed as float16 but {name}.weight is not stored as float16")
-    owned = {f"{name}.{part}" for name, *_, has_bias, _ in layers for part in ("weight", "bias")}
+    owned = {f"{name}.{part}" for name, *_, has_bias, _ in layers for part in ("weight", "bias")[: 1 + has_bias]}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():
             if key in quant_keys:

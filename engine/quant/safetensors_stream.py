@@ -95,7 +95,7 @@ def _raw(piece: torch.Tensor, entry: Entry) -> memoryview:
 
 
 def write(path: str | Path, entries: list[Entry], metadata: dict[str, str] | None = None) -> int:
-    """Write the file atomically (temporary file, fsync, rename), one piece at a time; checks that
+    """Write the file atomically (`atomic_path`: temporary file, fsync, rename), one piece at a time; checks that
     each entry produces exactly its declared bytes. Returns the size on disk."""
     prefix, ordered = header_bytes(entries, metadata)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -108,9 +108,7 @@ def write(path: str | Path, entries: list[Entry], metadata: dict[str, str] | Non
                 written += data.nbytes
             if written != e.nbytes:
                 raise ValueError(f"{e.name}: produced {written} bytes, its shape {list(e.shape)} needs {e.nbytes}")
-        fh.flush()
-        os.fsync(fh.fileno())
-    return os.path.getsize(path)
+    return os.path.getsize(path)  # atomic_path flushed and fsynced it before the rename
 
 
 def _pieces(entry: Entry) -> Iterator[torch.Tensor]:

@@ -5,13 +5,12 @@ given prompt embeddings and initial latents, and decoding with the VAE.
 Loading builds each model empty and fills it from its files (`low_cpu_mem_usage`, through
 `accelerate`), so a pipeline never holds random weights beside its loaded ones (SD 3.5 Medium
 took 10-11 GiB to load its 6.3 GB without it); the denoiser, the largest, is read tensor by tensor
-without a memory map (`engine.models.stream_load`). Loading never downloads: `HF_HUB_OFFLINE=1` is set and `local_files_only=True` is passed; only
-safetensors weights are read. `transformers` is imported here, never at qtui or engine start-up.
+without a memory map (`engine.models.stream_load`). Loading never downloads: `HF_HUB_OFFLINE=1`
+is set and `local_files_only=True` is passed; only safetensors weights are read. `transformers` is imported here, never at qtui or engine start-up.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -56,11 +55,11 @@ class DiffusersAdapter(PipelineAdapter):
     def _load_denoiser(self, diffusers):
         """The denoiser, read tensor by tensor (engine.models.stream_load): the largest component,
         whose memory-mapped file would otherwise stay resident beside its converted weights."""
+        from engine.models.loader import read_index
         from engine.models.stream_load import load_model
 
         folder = self.path / self.denoiser_attr
-        index = json.loads((self.path / "model_index.json").read_text())
-        _, class_name = index[self.denoiser_attr]
+        _, class_name = read_index(self.path)[self.denoiser_attr]
         ships = self.info.variant and any(f".{self.info.variant}" in f.name for f in folder.glob("*.safetensors*"))
         variant = self.info.variant if ships else None
         return load_model(getattr(diffusers, class_name), folder, variant, self.dtype)
