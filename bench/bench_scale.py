@@ -176,8 +176,14 @@ def run_variant(root: Path, toml: Path, experiment: str, variant: str, reuse: bo
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
         tail = (proc.stdout + proc.stderr)[-400:]
-    except subprocess.TimeoutExpired:
-        subprocess.run([sys.executable, "-m", "engine.cli", "queue", "--runs-dir", str(runs)], capture_output=True)
+    except subprocess.TimeoutExpired:  # engine run was killed; its run goes on under the scheduler: cancel it
+        con = sqlite3.connect(db)
+        late = [str(i) for (i,) in con.execute("select id from runs where id > ? and status in ('queued', 'running')",
+                                                (last,))]
+        con.close()
+        if late:
+            subprocess.run([sys.executable, "-m", "engine.cli", "queue", "cancel", *late, "--runs-dir", str(runs)],
+                           cwd=root, env=env, capture_output=True)
         tail = f"timed out after {timeout} s"
     monitor.stop.set()
     monitor.join()
